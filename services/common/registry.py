@@ -1,0 +1,242 @@
+"""The model registry: a folder of immutable, content-addressed checkpoints with verified manifests.
+
+    <registry>/checkpoints/<version:08d>-<manifest sha256[:16]>/
+        model.safetensors  config.json  tokenizer.json  ...  manifest.json
+    <registry>/versions/<n>              registry-wide version counter (one empty folder per version)
+    <registry>/promotions/<version>.json which checkpoints were promoted (mutable state lives outside them)
+
+A checkpoint is written into `<registry>/tmp/`, hashed, and renamed into place, so readers never see a half
+written one. `verify` refuses anything the manifest does not vouch for: a wrong sha256, a missing or extra
+file, and any weights that are not safetensors (pickle is never loaded), or a config asking for remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "distillery.checkpoint.v1"
+#: Weight formats that can execute code when loaded: never accepted.
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".h5", ".msgpack")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or unsafe."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def path_from_uri(uri: str) -> Path:
+    """`file:///x/y` or a plain path → Path."""
+    if uri.startswith("file://"):
+        return Path(unquote(urlparse(uri).path))
+    if "://" in uri:
+        raise CheckpointError(f"registry_uri={uri!r}: only file:// URIs and paths are supported")
+    return Path(uri)
+
+
+def uri_for(path: Path) -> str:
+    return path.resolve().as_uri()
+
+
+@dataclass
+class Manifest:
+    version: int
+    run_id: str
+    step: int
+    files: dict[str, dict[str, Any]]
+    parameter_count: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    teacher: dict[str, str] = field(default_factory=dict)
+    run_spec: dict[str, Any] = field(default_factory=dict)
+    kafka_offsets: dict[str, dict[str, int]] = field(default_factory=dict)
+    created_at: float = 0.0
+    format: str = MANIFEST_FORMAT
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
+        if data.get("format") != MANIFEST_FORMAT:
+            raise CheckpointError(f"manifest format={data.get('format')!r} is not {MANIFEST_FORMAT!r}")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    manifest: Manifest
+    manifest_sha256: str
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def uri(self) -> str:
+        return uri_for(self.path)
+
+
+def verify(path: Path) -> Checkpoint:
+    """Checks a checkpoint folder against its manifest; raises CheckpointError saying what is wrong."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}")
+    raw = manifest_path.read_bytes()
+    try:
+        manifest = Manifest.from_json(json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest: {exc}") from exc
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST}
+    for name in sorted(present):
+        if name.endswith(UNSAFE_SUFFIXES):
+            raise CheckpointError(f"{path}: {name} is not safetensors; only safetensors weights are loaded")
+    extra = present - set(manifest.files)
+    if extra:
+        raise CheckpointError(f"{path}: files not in the manifest: {sorted(extra)}")
+    if not any(name.endswith(".safetensors") for name in manifest.files):
+        raise CheckpointError(f"{path}: the manifest lists no .safetensors weights")
+    for name, meta in manifest.files.items():
+        if name.endswith(UNSAFE_SUFFIXES):
+            raise CheckpointError(f"{path}: manifest lists {name}, which is not safetensors")
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is listed in the manifest but missing")
+        if file.stat().st_size != meta.get("bytes"):
+            raise CheckpointError(f"{path}: {name} is {file.stat().st_size} bytes, manifest says {meta.get('bytes')}")
+        actual = sha256_file(file)
+        if actual != meta.get("sha256"):
+            raise CheckpointError(f"{path}: sha256 of {name} is {actual}, manifest says {meta.get('sha256')}")
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    if "auto_map" in config:
+        raise CheckpointError(f"{path}: config.json asks for remote code (auto_map); refused")
+    return Checkpoint(path=path, manifest=manifest, manifest_sha256=hashlib.sha256(raw).hexdigest())
+
+
+class Registry:
+    """A registry rooted at a folder (a volume shared by trainer and serving in Kubernetes)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        for sub in ("checkpoints", "versions", "promotions", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def _next_version(self) -> int:
+        """Allocates a registry-wide version; `mkdir` is atomic, so concurrent writers never share one."""
+        taken = [int(p.name) for p in (self.root / "versions").iterdir() if p.name.isdigit()]
+        candidate = max(taken, default=0) + 1
+        while True:
+            try:
+                (self.root / "versions" / str(candidate)).mkdir()
+                return candidate
+            except FileExistsError:
+                candidate += 1
+
+    def write(self, staged: Path, *, run_id: str, step: int, parameter_count: int,
+              metrics: Mapping[str, float] | None = None, teacher: Mapping[str, str] | None = None,
+              run_spec: Mapping[str, Any] | None = None,
+              kafka_offsets: Mapping[str, Mapping[str, int]] | None = None) -> Checkpoint:  # fmt: skip
+        """Moves a folder of model files into the registry as a new immutable checkpoint and returns it.
+
+        `staged` must be inside `<registry>/tmp` (use `staging_dir()`), so the final rename is atomic.
+        """
+        if staged.resolve().parent != self.root / "tmp":
+            raise ValueError(f"staged={staged}: write it under {self.root / 'tmp'} (use staging_dir())")
+        files = {}
+        for file in sorted(p for p in staged.rglob("*") if p.is_file()):
+            name = file.relative_to(staged).as_posix()
+            if name == MANIFEST or name.endswith(UNSAFE_SUFFIXES):
+                raise CheckpointError(f"refusing to register {name}: only safetensors weights and metadata")
+            files[name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
+        version = self._next_version()
+        manifest = Manifest(
+            version=version, run_id=run_id, step=step, files=files, parameter_count=parameter_count,
+            metrics=dict(metrics or {}), teacher=dict(teacher or {}), run_spec=dict(run_spec or {}),
+            kafka_offsets={t: dict(p) for t, p in (kafka_offsets or {}).items()}, created_at=time.time(),
+        )  # fmt: skip
+        raw = json.dumps(manifest.__dict__, indent=2, sort_keys=True).encode()
+        (staged / MANIFEST).write_bytes(raw)
+        for file in staged.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        digest = hashlib.sha256(raw).hexdigest()
+        final = self.root / "checkpoints" / f"{version:08d}-{digest[:16]}"
+        os.rename(staged, final)
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return Checkpoint(path=final, manifest=manifest, manifest_sha256=digest)
+
+    def staging_dir(self) -> Path:
+        path = self.root / "tmp" / uuid.uuid4().hex
+        path.mkdir()
+        return path
+
+    def discard_staging(self) -> None:
+        """Removes half-written checkpoints left by a writer that died."""
+        for path in (self.root / "tmp").iterdir():
+            shutil.rmtree(path, ignore_errors=True)
+
+    def checkpoints(self, run_id: str | None = None) -> list[Checkpoint]:
+        """Every readable checkpoint (oldest first); unreadable manifests are skipped, not verified here."""
+        out = []
+        for path in sorted((self.root / "checkpoints").iterdir()):
+            try:
+                raw = (path / MANIFEST).read_bytes()
+                manifest = Manifest.from_json(json.loads(raw))
+            except (OSError, ValueError, TypeError):
+                continue
+            if run_id is None or manifest.run_id == run_id:
+                out.append(Checkpoint(path, manifest, hashlib.sha256(raw).hexdigest()))
+        return out
+
+    def get(self, version: int) -> Checkpoint:
+        for ckpt in self.checkpoints():
+            if ckpt.version == version:
+                return ckpt
+        raise KeyError(f"no checkpoint with version {version} in {self.root}")
+
+    def latest(self, run_id: str | None = None) -> Checkpoint | None:
+        found = self.checkpoints(run_id)
+        return found[-1] if found else None
+
+    def promote(self, ckpt: Checkpoint) -> None:
+        record = {"version": ckpt.version, "uri": ckpt.uri, "manifest_sha256": ckpt.manifest_sha256,
+                  "promoted_at": time.time()}  # fmt: skip
+        tmp = self.root / "promotions" / f".{ckpt.version}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.root / "promotions" / f"{ckpt.version}.json")
+
+    def promoted_versions(self) -> list[int]:
+        return sorted(int(p.stem) for p in (self.root / "promotions").glob("*.json") if p.stem.isdigit())
+
+    def is_promoted(self, version: int) -> bool:
+        return (self.root / "promotions" / f"{version}.json").is_file()
+
+    def latest_promoted(self) -> Checkpoint | None:
+        for version in reversed(self.promoted_versions()):
+            try:
+                return self.get(version)
+            except KeyError:
+                continue
+        return None

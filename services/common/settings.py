@@ -1,0 +1,96 @@
+"""Settings shared by every service: the Kafka cluster, local state folders, gRPC and metrics endpoints.
+
+Each service subclasses `ServiceSettings` with its own env prefix (`DISTILLERY_TEACHER_`, ...). Kafka settings
+are shared by all services and read from `DISTILLERY_KAFKA_*`, so one `DISTILLERY_KAFKA_BOOTSTRAP` points the
+whole system at an existing cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TOPIC_PROMPTS = "distillery.prompts.v1"
+TOPIC_TEACHER_SAMPLES = "distillery.teacher-samples.v1"
+TOPIC_CHECKPOINTS = "distillery.checkpoints.v1"
+TOPIC_DEAD_LETTERS = "distillery.dead-letters.v1"
+
+#: Average adult silent reading speed for non-fiction, words per minute (Brysbaert 2019).
+READING_TARGET_WPM = 238.0
+
+
+def distillery_home() -> Path:
+    """Local state (models, registry, embedded broker, demo runs): `$DISTILLERY_HOME`, else `./.distillery`."""
+    return Path(os.environ.get("DISTILLERY_HOME", ".distillery")).resolve()
+
+
+class KafkaSettings(BaseSettings):
+    """How every service reaches Kafka (env prefix `DISTILLERY_KAFKA_`)."""
+
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_KAFKA_", extra="ignore")
+
+    bootstrap: str | None = None
+    """Bootstrap servers, e.g. `kafka:9092`. Unset: the embedded broker started by `distillery broker start`."""
+    client_id: str = "distillery"
+    """Prefix of the Kafka client ids."""
+    partitions: int = Field(4, ge=1, le=1024)
+    """Partitions of each topic the services create at start-up (existing topics are left as they are)."""
+    replication_factor: int = Field(1, ge=1, le=16)
+    """Replicas of each topic created at start-up."""
+    compression: Literal["zstd", "lz4", "gzip", "none"] = "zstd"
+    """Producer compression codec."""
+    max_message_bytes: int = Field(1_000_000, ge=1024, le=100_000_000)
+    """Largest record value a producer sends; larger ones fail before they reach the broker."""
+    linger_ms: int = Field(5, ge=0, le=10_000)
+    """Producer batching delay."""
+    session_timeout_ms: int = Field(6_000, ge=1_000, le=300_000)
+    """Consumer group session timeout; small values make rebalances fast on the embedded broker."""
+    heartbeat_interval_ms: int = Field(2_000, ge=100, le=60_000)
+    max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    """A consumer that does not poll for this long leaves its group (long batches need a large value)."""
+    request_timeout_ms: int = Field(30_000, ge=1_000)
+    topic_prompts: str = TOPIC_PROMPTS
+    topic_teacher_samples: str = TOPIC_TEACHER_SAMPLES
+    topic_checkpoints: str = TOPIC_CHECKPOINTS
+    topic_dead_letters: str = TOPIC_DEAD_LETTERS
+
+    def topics(self) -> list[str]:
+        return [self.topic_prompts, self.topic_teacher_samples, self.topic_checkpoints, self.topic_dead_letters]
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has; subclasses set `env_prefix` and their default ports."""
+
+    model_config = SettingsConfigDict(env_nested_delimiter="__", extra="ignore")
+
+    host: str = "127.0.0.1"
+    """Address the gRPC and metrics servers bind to (`0.0.0.0` in containers)."""
+    grpc_port: int = Field(0, ge=0, le=65535)
+    """gRPC port; 0 picks a free one."""
+    metrics_port: int = Field(0, ge=0, le=65535)
+    """Prometheus `/metrics` port; 0 picks a free one."""
+    home: Path = Field(default_factory=distillery_home)
+    """Local state folder."""
+    registry_dir: Path | None = None
+    """Model registry; default `<home>/registry`."""
+    models_dir: Path | None = None
+    """Prepared base models; default `<home>/models`."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    grace_period_s: float = Field(10.0, ge=0, le=600)
+    """On SIGTERM: how long in-flight RPCs get to finish."""
+    max_concurrent_rpcs: int = Field(256, ge=1, le=100_000)
+    """Requests beyond this are refused with RESOURCE_EXHAUSTED by gRPC itself."""
+    kafka: KafkaSettings = Field(default_factory=lambda: KafkaSettings())
+
+    @property
+    def registry(self) -> Path:
+        return (self.registry_dir or self.home / "registry").resolve()
+
+    @property
+    def models(self) -> Path:
+        return (self.models_dir or self.home / "models").resolve()

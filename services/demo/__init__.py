@@ -1,0 +1,1 @@
+"""`distillery demo`: the whole pipeline end to end, with a report."""
