@@ -2,8 +2,8 @@
 
 A misspelt key would be ignored silently by pydantic-settings (`extra="ignore"`), so this test looks each key up.
 It uses the service's own settings class (`services/<svc>/settings.py`, the `ServiceSettings` subclass with the
-service's env prefix). Until a service has one, it checks against the shared `ServiceSettings` fields plus the
-shared `VllmSettings` as `vllm` for the vLLM services, which every service settings class builds on.
+service's env prefix). Until a service has one, a stand-in built from the shared `ServiceSettings` and
+`VllmSettings` checks what it can, and the test is skipped naming the keys it could not check.
 """
 
 from __future__ import annotations
@@ -64,15 +64,19 @@ def test_configmap_keys_are_settings_fields(
 ) -> None:
     objects = render(kubectl, f"overlays/{overlay}")
     env = {**config_map(objects, "kafka-config"), **config_map(objects, f"{service}-config")}
-    cls, _own = settings_class(service)
+    cls, own = settings_class(service)
     prefix = cls.model_config["env_prefix"]
+    unknown = []
     for key in env:
         if key.startswith(prefix):
-            assert field_exists(cls, key[len(prefix) :].lower().split("__")), f"{key} is no field of {cls.__name__}"
+            if not field_exists(cls, key[len(prefix) :].lower().split("__")):
+                unknown.append(key)
         elif key.startswith("DISTILLERY_KAFKA_"):
             assert key[len("DISTILLERY_KAFKA_") :].lower() in KafkaSettings.model_fields, key
         else:
             pytest.fail(f"{service}-config sets {key}, which no distillery settings read")
+    if own:
+        assert not unknown, f"{unknown} are no fields of {cls.__name__}"
     # The values validate: load them the way the service does, from the environment.
     for key in [k for k in os.environ if k.startswith("DISTILLERY_")]:
         monkeypatch.delenv(key)
@@ -81,3 +85,5 @@ def test_configmap_keys_are_settings_fields(
     settings = cls()
     assert settings.host == "0.0.0.0"
     assert settings.kafka.bootstrap == env["DISTILLERY_KAFKA_BOOTSTRAP"]
+    if unknown:
+        pytest.skip(f"services/{service}/settings.py has not landed: {unknown} not checked yet (the rest was)")

@@ -9,7 +9,6 @@ where the running serving service plugs in.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,18 +21,21 @@ pytestmark = pytest.mark.e2e
 P50 = "histogram_quantile(0.5, sum by (le) (rate(distillery_serving_stream_words_per_minute_bucket[30s])))"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def serving_target() -> Iterator[ServingTarget]:
     """Hook: something serving streams at a known speed, exporting distillery_serving_* on /metrics."""
     with serving_traffic(wpm=150.0) as target:
         yield target
 
 
-@pytest.fixture
-def prometheus(prometheus_bin: str, serving_target: ServingTarget, tmp_path: Path) -> Iterator[PrometheusServer]:
+@pytest.fixture(scope="module")
+def prometheus(
+    prometheus_bin: str, serving_target: ServingTarget, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrometheusServer]:
     rules = DEPLOY / "prometheus" / "rules.yml"
+    workdir = tmp_path_factory.mktemp("prometheus")
     with PrometheusServer(
-        prometheus_bin, tmp_path / "prometheus", jobs={"serving": [serving_target.address]}, rule_files=[rules]
+        prometheus_bin, workdir, jobs={"serving": [serving_target.address]}, rule_files=[rules]
     ) as server:
         yield server
 
