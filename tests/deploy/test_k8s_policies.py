@@ -76,6 +76,17 @@ def test_probes_ports_and_settings_agree(kubectl: str, overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_graceful_drain_fits_the_termination_grace(kubectl: str, overlay: str) -> None:
+    """On SIGTERM a service drains for grace_period_s, then stops its engine: Kubernetes must not kill it first."""
+    objects = render(kubectl, f"overlays/{overlay}")
+    for deployment in deployments(kubectl, overlay):
+        name = deployment["metadata"]["name"]
+        drain = float(env_of(objects, deployment)[f"DISTILLERY_{name.upper()}_GRACE_PERIOD_S"])
+        kill_after = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert drain + 10 <= kill_after, f"{name}: drain {drain} s leaves < 10 s of {kill_after} s for shutdown"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_registry_is_shared_read_write_by_the_trainer_only(kubectl: str, overlay: str) -> None:
     objects = render(kubectl, f"overlays/{overlay}")
     one(objects, "PersistentVolumeClaim", "registry")
