@@ -131,16 +131,22 @@ def verify(path: Path) -> Checkpoint:
 
 
 class Registry:
-    """A registry rooted at a folder (a volume shared by trainer and serving in Kubernetes)."""
+    """A registry rooted at a folder (a volume shared by trainer and serving in Kubernetes).
+
+    Folders are created when something is written, so readers work on a read-only mount of an empty volume.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
-        for sub in ("checkpoints", "versions", "promotions", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def _folder(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _next_version(self) -> int:
         """Allocates a registry-wide version; `mkdir` is atomic, so concurrent writers never share one."""
-        taken = [int(p.name) for p in (self.root / "versions").iterdir() if p.name.isdigit()]
+        taken = [int(p.name) for p in self._folder("versions").iterdir() if p.name.isdigit()]
         candidate = max(taken, default=0) + 1
         while True:
             try:
@@ -178,7 +184,7 @@ class Registry:
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
         digest = hashlib.sha256(raw).hexdigest()
-        final = self.root / "checkpoints" / f"{version:08d}-{digest[:16]}"
+        final = self._folder("checkpoints") / f"{version:08d}-{digest[:16]}"
         os.rename(staged, final)
         dir_fd = os.open(final.parent, os.O_RDONLY)
         try:
@@ -188,18 +194,22 @@ class Registry:
         return Checkpoint(path=final, manifest=manifest, manifest_sha256=digest)
 
     def staging_dir(self) -> Path:
-        path = self.root / "tmp" / uuid.uuid4().hex
+        path = self._folder("tmp") / uuid.uuid4().hex
         path.mkdir()
         return path
 
     def discard_staging(self) -> None:
         """Removes half-written checkpoints left by a writer that died."""
+        if not (self.root / "tmp").is_dir():
+            return
         for path in (self.root / "tmp").iterdir():
             shutil.rmtree(path, ignore_errors=True)
 
     def checkpoints(self, run_id: str | None = None) -> list[Checkpoint]:
         """Every readable checkpoint (oldest first); unreadable manifests are skipped, not verified here."""
-        out = []
+        out: list[Checkpoint] = []
+        if not (self.root / "checkpoints").is_dir():
+            return out
         for path in sorted((self.root / "checkpoints").iterdir()):
             try:
                 raw = (path / MANIFEST).read_bytes()
@@ -223,11 +233,13 @@ class Registry:
     def promote(self, ckpt: Checkpoint) -> None:
         record = {"version": ckpt.version, "uri": ckpt.uri, "manifest_sha256": ckpt.manifest_sha256,
                   "promoted_at": time.time()}  # fmt: skip
-        tmp = self.root / "promotions" / f".{ckpt.version}.{uuid.uuid4().hex}.tmp"
+        tmp = self._folder("promotions") / f".{ckpt.version}.{uuid.uuid4().hex}.tmp"
         tmp.write_text(json.dumps(record))
         tmp.replace(self.root / "promotions" / f"{ckpt.version}.json")
 
     def promoted_versions(self) -> list[int]:
+        if not (self.root / "promotions").is_dir():
+            return []
         return sorted(int(p.stem) for p in (self.root / "promotions").glob("*.json") if p.stem.isdigit())
 
     def is_promoted(self, version: int) -> bool:

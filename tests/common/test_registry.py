@@ -107,3 +107,17 @@ def test_concurrent_writers_get_distinct_versions(tmp_path: Path) -> None:
     with ThreadPoolExecutor(4) as pool:
         versions = list(pool.map(lambda _: _write(registry).version, range(8)))
     assert sorted(versions) == list(range(1, 9))
+
+
+def test_readers_work_on_a_read_only_empty_registry(tmp_path: Path) -> None:
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o555)
+    try:
+        registry = Registry(root)
+        assert registry.checkpoints() == []
+        assert registry.latest_promoted() is None
+        assert registry.promoted_versions() == []
+        assert list(root.iterdir()) == []
+    finally:
+        root.chmod(0o755)
