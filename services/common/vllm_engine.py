@@ -48,11 +48,9 @@ def configure_env(settings: VllmSettings) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
-def engine_args(model_dir: Path, settings: VllmSettings, **overrides: Any) -> Any:
-    """`AsyncEngineArgs` for a local safetensors model folder: offline, no remote code."""
+def engine_kwargs(model_dir: Path, settings: VllmSettings, **overrides: Any) -> dict[str, Any]:
+    """Engine keyword arguments for a local safetensors folder: offline, no remote code (`vllm.LLM(**kwargs)`)."""
     configure_env(settings)
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
     kwargs: dict[str, Any] = dict(
         model=str(model_dir),
         tokenizer=str(model_dir),
@@ -69,4 +67,12 @@ def engine_args(model_dir: Path, settings: VllmSettings, **overrides: Any) -> An
         disable_log_stats=True,
     )
     kwargs.update(overrides)
+    return kwargs
+
+
+def engine_args(model_dir: Path, settings: VllmSettings, **overrides: Any) -> Any:
+    """`AsyncEngineArgs` for a local safetensors model folder: offline, no remote code."""
+    kwargs = engine_kwargs(model_dir, settings, **overrides)
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
     return AsyncEngineArgs(**kwargs)
