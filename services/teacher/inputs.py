@@ -1,0 +1,62 @@
+"""Prompt validation shared by the gRPC servicer and the Kafka worker: chat or text in, a model-ready `Prompt` out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.common import pb
+from services.common.errors import InvalidArgument
+from services.teacher.engine import Prompt, TeacherEngine
+
+ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(messages: Sequence[pb.common.ChatMessage], where: str = "messages") -> list[dict[str, str]]:
+    """Proto chat messages → template input; refuses unknown roles and conversations with no content."""
+    out = []
+    for i, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise InvalidArgument(f"{where}[{i}].role", message.role, f"must be one of {', '.join(ROLES)}")
+        out.append({"role": message.role, "content": message.content})
+    if not any(m["content"].strip() for m in out):
+        raise InvalidArgument(where, "", "empty prompt: no message has content")
+    return out
+
+
+def render_prompt(
+    engine: TeacherEngine,
+    messages: Sequence[pb.common.ChatMessage],
+    text: str,
+    *,
+    messages_field: str = "messages",
+    text_field: str = "prompt",
+    reserve: int = 1,
+) -> tuple[Prompt, str]:
+    """Exactly one of chat `messages` or raw `text` → (`Prompt`, the field it came from).
+
+    `reserve` tokens must stay free in the context after the prompt (at least one to generate).
+    """
+    if messages and text:
+        raise InvalidArgument(text_field, _short(text), f"give {messages_field} or {text_field}, not both")
+    if messages:
+        prompt, where = engine.render(messages=chat_messages(messages, messages_field)), messages_field
+    elif text.strip():
+        prompt, where = engine.render(text=text), text_field
+    else:
+        raise InvalidArgument(text_field, text, f"empty prompt: give {messages_field} or {text_field}")
+    check_length(engine, len(prompt.token_ids), where, reserve)
+    return prompt, where
+
+
+def check_length(engine: TeacherEngine, tokens: int, where: str, reserve: int = 1) -> None:
+    limit = engine.info.max_model_len - reserve
+    if tokens > limit:
+        raise InvalidArgument(
+            where,
+            f"{tokens} tokens",
+            f"longer than the model context allows: at most {limit} tokens (max_model_len={engine.info.max_model_len})",
+        )
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"

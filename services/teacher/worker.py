@@ -1,0 +1,302 @@
+"""The pipeline worker: prompts topic → teacher engine → samples topic, at least once.
+
+Replicas share the prompt partitions through one consumer group. The worker keeps up to `batch_size` prompts
+submitted to the engine and refills as they finish, so vLLM's continuous batch stays full. Each completion becomes
+one `TeacherSample` (key = prompt_id, deterministic sample_id). A prompt's offset becomes committable only after
+the broker acknowledged all of its samples, and a partition is committed only up to its lowest unfinished record
+(`offsets.PartitionOffsets`): a crash redelivers unfinished prompts (duplicates) and never skips one (gaps).
+Records that cannot be used (undecodable, invalid, refused by the engine) go to the dead-letter topic with the
+reason, and the stream goes on. A dead engine or a broker that stops acknowledging stops the worker with an error.
+
+kafka-python's consumer is not thread-safe and blocks: every consumer call runs on one dedicated thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from kafka import TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+from services.common import pb
+from services.common.errors import InvalidArgument
+from services.common.kafka import DeadLetterWriter, ProtoConsumer, ProtoProducer, Received, RecordTooLarge
+from services.teacher import metrics
+from services.teacher.engine import EngineDead, Logprobs, TeacherEngine
+from services.teacher.inputs import render_prompt
+from services.teacher.offsets import PartitionOffsets
+from services.teacher.prompts import validate_prompt_record
+from services.teacher.samples import Completion, build_sample, queue_seconds
+from services.teacher.sampling import Limits, sampling_from_proto
+from services.teacher.settings import TeacherSettings
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Record = Received[pb.common.PromptRecord]
+
+
+class WorkerFailed(RuntimeError):
+    """The worker cannot go on safely (engine dead, samples not acknowledged); the process should restart."""
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: PromptWorker) -> None:
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.worker._on_revoked(set(revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        logger.info("prompt partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+
+
+class PromptWorker:
+    def __init__(self, engine: TeacherEngine, settings: TeacherSettings, limits: Limits) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.kafka = settings.kafka
+        self.limits = limits
+        self.batch_size = settings.worker.batch_size or engine.info.max_num_seqs
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="teacher-consumer")
+        self._consumer: ProtoConsumer[pb.common.PromptRecord] | None = None
+        self._producer: ProtoProducer | None = None
+        self._dead_letters: DeadLetterWriter | None = None
+        self._partitions: dict[TopicPartition, PartitionOffsets] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._failed = asyncio.Event()
+        self.lag: int | None = None
+        self.started = asyncio.Event()
+
+    async def _in_consumer_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Consumes until `stop()`; raises `WorkerFailed` when it cannot continue safely."""
+        self._producer = ProtoProducer(self.kafka, "teacher-worker")
+        self._dead_letters = DeadLetterWriter(self._producer, self.kafka.topic_dead_letters, "teacher")
+        self._consumer = await self._in_consumer_thread(
+            lambda: ProtoConsumer(
+                self.kafka,
+                self.kafka.topic_prompts,
+                pb.common.PromptRecord,
+                group_id=self.settings.worker.group_id,
+                client_name="teacher-worker",
+                validate=validate_prompt_record,
+                listener=_Rebalance(self),
+                max_poll_records=self.batch_size,
+            )
+        )
+        logger.info("prompt worker started", extra={"topic": self.kafka.topic_prompts, "batch_size": self.batch_size})
+        self.started.set()
+        last_commit = time.monotonic()
+        try:
+            while not self._stopping.is_set() and self._failure is None:
+                free = self.batch_size - len(self._tasks)
+                if free > 0:
+                    records = await self._in_consumer_thread(self._poll, free)
+                    for record in records:
+                        self._start(record)
+                else:
+                    await asyncio.wait(
+                        [*self._tasks, asyncio.ensure_future(self._failed.wait())],
+                        timeout=self.settings.worker.poll_timeout_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                if time.monotonic() - last_commit >= self.settings.worker.commit_interval_s:
+                    await self._commit()
+                    last_commit = time.monotonic()
+        finally:
+            await self._drain()
+        if self._failure is not None:
+            raise WorkerFailed(str(self._failure)) from self._failure
+
+    def _poll(self, max_records: int) -> list[Record]:
+        assert self._consumer is not None
+        # Returns as soon as records are there; the timeout only bounds how long an idle worker waits.
+        records = self._consumer.poll(self.settings.worker.poll_timeout_s, max_records)
+        self.lag = self._consumer.lag()
+        return records
+
+    def _start(self, record: Record) -> None:
+        offsets = self._partitions.get(record.tp)
+        if offsets is None or offsets.revoked:
+            offsets = self._partitions[record.tp] = PartitionOffsets()
+        offsets.start(record.offset)
+        task = asyncio.create_task(self._handle(record, offsets), name=f"prompt-{record.partition}-{record.offset}")
+        self._tasks.add(task)
+        metrics.PROMPTS_IN_FLIGHT.set(len(self._tasks))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        metrics.PROMPTS_IN_FLIGHT.set(len(self._tasks))
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())  # type: ignore[arg-type]
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            logger.error("prompt worker failing: %s", exc)
+            self._failure = exc
+            self._failed.set()
+
+    async def _handle(self, record: Record, offsets: PartitionOffsets) -> None:
+        """One prompt record, start to finish; returns normally once its offset may be committed."""
+        if record.value is None:
+            await self._dead_letter(record, record.error or "undecodable", "malformed")
+        else:
+            try:
+                await self._generate_and_publish(record, record.value)
+            except InvalidArgument as exc:
+                await self._dead_letter(record, str(exc), "invalid")
+            except RecordTooLarge as exc:
+                await self._dead_letter(record, str(exc), "too_large")
+            except (EngineDead, WorkerFailed, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                if self.engine.dead.done():
+                    raise
+                logger.exception("prompt failed in the engine", extra={"prompt_id": record.value.prompt_id})
+                await self._dead_letter(record, f"{type(exc).__name__}: {exc}", "engine_error")
+        offsets.finish(record.offset)
+        metrics.PROMPTS_CONSUMED.inc()
+
+    async def _generate_and_publish(self, record: Record, prompt_record: pb.common.PromptRecord) -> None:
+        sampling = sampling_from_proto(prompt_record.sampling, self.limits)
+        content = prompt_record.WhichOneof("content")
+        prompt, _ = render_prompt(
+            self.engine,
+            prompt_record.chat.messages if content == "chat" else [],
+            prompt_record.text if content == "text" else "",
+            messages_field="chat.messages",
+            text_field="text",
+        )
+        queue_s = queue_seconds(record.timestamp_ms)
+        completions = {i: Completion(i, Logprobs(sampling.logprobs)) for i in range(sampling.n)}
+        request_id = f"{prompt_record.prompt_id}-{uuid.uuid4().hex[:8]}"
+        submitted = time.monotonic()
+        async for chunk in self.engine.generate(
+            prompt, sampling, request_id, stream_interval=self.settings.worker.stream_interval
+        ):
+            completion = completions[chunk.index]
+            had_first = completion.first_token_s is not None
+            completion.add(chunk, time.monotonic() - submitted)
+            if not had_first and completion.first_token_s is not None:
+                metrics.TIME_TO_FIRST_TOKEN.observe(completion.first_token_s)
+        acks = []
+        for completion in completions.values():
+            if not completion.text and completion.token_ids:
+                completion.text = self.engine.decode(completion.token_ids)  # the engine skipped detokenizing
+            tokens = len(completion.token_ids)
+            metrics.GENERATED_TOKENS.inc(tokens)
+            if tokens > 1 and completion.first_token_s is not None:
+                metrics.INTER_TOKEN_LATENCY.observe((completion.total_s - completion.first_token_s) / (tokens - 1))
+            sample = build_sample(prompt_record, prompt, completion, sampling, self.engine.info, queue_s)
+            acks.append(self._send(sample))
+        try:
+            await asyncio.wait_for(asyncio.gather(*acks), self.settings.worker.ack_timeout_s)
+        except Exception as exc:
+            raise WorkerFailed(f"samples of prompt {prompt_record.prompt_id!r} were not acknowledged: {exc!r}") from exc
+        metrics.SAMPLES_PUBLISHED.inc(len(acks))
+
+    def _send(self, sample: pb.common.TeacherSample) -> asyncio.Future[None]:
+        """Queues a sample; the returned future completes when the broker acknowledged it."""
+        assert self._producer is not None
+        loop = asyncio.get_running_loop()
+        acked: asyncio.Future[None] = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if acked.done():
+                return
+            if error is None:
+                acked.set_result(None)
+            else:
+                acked.set_exception(error)
+
+        kafka_future = self._producer.send(self.kafka.topic_teacher_samples, sample.prompt_id, sample)
+        # kafka-python calls these on its network thread.
+        kafka_future.add_callback(lambda _meta: loop.call_soon_threadsafe(settle, None))
+        kafka_future.add_errback(lambda exc: loop.call_soon_threadsafe(settle, exc))
+        return acked
+
+    async def _dead_letter(self, record: Record, reason: str, error_type: str) -> None:
+        assert self._dead_letters is not None
+        writer = self._dead_letters
+        try:
+            await asyncio.to_thread(writer.send, record, reason, error_type)
+        except Exception as exc:
+            raise WorkerFailed(f"could not dead-letter offset {record.offset}: {exc!r}") from exc
+
+    async def _commit(self) -> None:
+        """Commits every partition whose committable position moved (consumer thread)."""
+        positions = {
+            tp: (offsets, pos)
+            for tp, offsets in list(self._partitions.items())
+            if not offsets.revoked and (pos := offsets.to_commit()) is not None
+        }
+        if not positions or self._consumer is None:
+            return
+        consumer = self._consumer
+
+        def commit() -> None:
+            # Re-checked on the consumer thread: a rebalance may have revoked some partitions meanwhile.
+            live = {tp: (o, pos) for tp, (o, pos) in positions.items() if not o.revoked}
+            if live:
+                consumer.commit({tp: pos for tp, (_, pos) in live.items()})
+            for offsets, pos in live.values():
+                offsets.committed = pos
+
+        try:
+            await self._in_consumer_thread(commit)
+        except Exception as exc:  # a rebalance in progress: the next commit (or the new owner) catches up
+            logger.warning("offset commit failed: %r", exc)
+
+    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Consumer thread, inside poll: commit what is finished on the partitions we lose, then forget them."""
+        positions = {}
+        for tp in revoked:
+            offsets = self._partitions.get(tp)
+            if offsets is None:
+                continue
+            offsets.revoked = True  # results still in flight get published but never committed by us
+            pos = offsets.to_commit()
+            if pos is not None:
+                positions[tp] = pos
+        if positions and self._consumer is not None:
+            try:
+                self._consumer.commit(positions)
+            except Exception as exc:
+                logger.warning("commit on revoke failed: %r", exc)
+        logger.info("prompt partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
+
+    async def _drain(self) -> None:
+        """Stops cleanly: lets in-flight prompts finish within the grace period, commits, closes clients."""
+        if self._tasks and self._failure is None:
+            await asyncio.wait(list(self._tasks), timeout=self.settings.grace_period_s)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        if self._failure is None:
+            await self._commit()
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._in_consumer_thread(self._consumer.close)
+        if self._producer is not None:
+            producer = self._producer
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(producer.close, 5.0)
+        self._thread.shutdown(wait=False)
+        logger.info("prompt worker stopped")
