@@ -1,0 +1,120 @@
+"""Default recipes: the default student (pruned from the default teacher) and a complete default run spec.
+
+`with_defaults(spec)` fills every field a caller left unset, so the rest of the trainer reads a complete spec.
+The default student is Minitron-pruned from SmolLM2-135M (30 layers, hidden 576, 9/3 heads, MLP 1536, vocab
+49152 tied): 6 layers chosen by block importance, hidden 256, 4 query / 2 key-value heads of size 64, MLP 768 —
+17.3M parameters, 7.8× fewer than the teacher's 134.5M (the 49k × 256 tied embedding is 12.6M of them).
+"""
+
+from __future__ import annotations
+
+from services.common import pb
+
+DEFAULT_TASK = "math_word_problems"
+
+DEFAULT_STUDENT_RECIPE = pb.trainer.StudentRecipe(
+    pruned=pb.trainer.PrunedStudent(
+        num_layers=6,
+        layer_selection=pb.trainer.LAYER_SELECTION_IMPORTANCE,
+        hidden_size=256,
+        intermediate_size=768,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        calibration_samples=64,
+    )
+)
+
+DEFAULT_LOSS = pb.trainer.LossSpec(
+    forward_kl=1.0,
+    reference_ce=1.0,
+    jsd_beta=0.5,
+    skew_alpha=0.1,
+    temperature=1.0,
+)
+
+DEFAULT_SCHEDULE = pb.trainer.Schedule(
+    learning_rate=1e-3,
+    warmup_steps=20,
+    max_steps=0,
+    batch_size=16,
+    grad_accum_steps=1,
+    max_grad_norm=1.0,
+    weight_decay=0.01,
+    eval_every_steps=200,
+    max_seq_len=256,
+    bf16_autocast=True,
+    replay_buffer_size=4096,
+    sample_reuse=1,
+    min_lr_ratio=0.1,
+)
+
+DEFAULT_DATA = pb.trainer.DataFilter(
+    verify=pb.trainer.VERIFY_MODE_WEIGHT,
+    incorrect_weight=0.25,
+    drop_truncated=False,
+)
+
+DEFAULT_GATE = pb.trainer.GateSpec(min_accuracy_ratio=0.8, must_beat_promoted=True, min_accuracy=0.0)
+
+DEFAULT_EVAL = pb.trainer.EvalSpec(
+    max_prompts=64,
+    max_new_tokens=48,
+    max_agreement_samples=64,
+    min_eval_samples=16,
+)
+
+DEFAULT_SEED = 0
+
+
+def default_run_spec(
+    task: str = DEFAULT_TASK,
+    run_id: str = "",
+    student: pb.trainer.StudentRecipe | None = None,
+    max_steps: int | None = None,
+) -> pb.trainer.RunSpec:
+    """A complete run spec with every default filled in."""
+    spec = pb.trainer.RunSpec(
+        run_id=run_id,
+        task=task,
+        student=student if student is not None else DEFAULT_STUDENT_RECIPE,
+        loss=DEFAULT_LOSS,
+        schedule=DEFAULT_SCHEDULE,
+        data=DEFAULT_DATA,
+        gate=DEFAULT_GATE,
+        eval=DEFAULT_EVAL,
+        seed=DEFAULT_SEED,
+    )
+    if max_steps is not None:
+        spec.schedule.max_steps = max_steps
+    return spec
+
+
+def _fill_optional(target: object, defaults: object) -> None:
+    """Copies every `optional` field the caller left unset from `defaults` (explicit values, even 0, stay)."""
+    for field in defaults.DESCRIPTOR.fields:  # type: ignore[attr-defined]
+        if field.has_presence and not target.HasField(field.name) and defaults.HasField(field.name):  # type: ignore[attr-defined]
+            setattr(target, field.name, getattr(defaults, field.name))
+
+
+def with_defaults(spec: pb.trainer.RunSpec) -> pb.trainer.RunSpec:
+    """A copy of `spec` with every unset field taken from the defaults (does not validate; see `spec.validate`)."""
+    out = pb.trainer.RunSpec()
+    out.CopyFrom(spec)
+    if not out.task:
+        out.task = DEFAULT_TASK
+    if out.student.WhichOneof("source") is None:
+        out.student.CopyFrom(DEFAULT_STUDENT_RECIPE)
+    weights = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "cross_entropy", "reference_ce")
+    if not out.HasField("loss") or all(getattr(out.loss, w) == 0 for w in weights):
+        for w in weights:
+            setattr(out.loss, w, getattr(DEFAULT_LOSS, w))
+    _fill_optional(out.loss, DEFAULT_LOSS)
+    _fill_optional(out.schedule, DEFAULT_SCHEDULE)
+    if out.data.verify == pb.trainer.VERIFY_MODE_UNSPECIFIED:
+        out.data.verify = DEFAULT_DATA.verify
+    _fill_optional(out.data, DEFAULT_DATA)
+    _fill_optional(out.gate, DEFAULT_GATE)
+    _fill_optional(out.eval, DEFAULT_EVAL)
+    if not out.HasField("seed"):
+        out.seed = DEFAULT_SEED
+    return out
