@@ -1,0 +1,72 @@
+"""Streams: one Generate from admission to its last token, with limits and reading-speed metrics.
+
+Admission control happens before a stream leases the current model: too many open streams, a prompt that is too
+long or a completion that would not fit the model's context are refused with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.serving.engine import Chunk, Sampling
+from services.serving.holder import EngineHolder
+from services.serving.metrics import OpenStreams
+from services.serving.model import ModelInfo
+from services.serving.settings import LimitSettings
+
+Prompt = Sequence[tuple[str, str]] | str
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    model: ModelInfo
+    chunk: Chunk
+
+
+class StreamService:
+    """Runs Generate streams against whatever the holder serves."""
+
+    def __init__(self, holder: EngineHolder, limits: LimitSettings) -> None:
+        self.holder = holder
+        self.limits = limits
+        self.open = OpenStreams()
+
+    async def generate(self, prompt: Prompt, sampling: Sampling, request_id: str = "") -> AsyncIterator[StreamChunk]:
+        if len(self.open) >= self.limits.max_concurrent_streams:
+            raise ResourceExhausted(
+                f"{len(self.open)} streams are open; the limit is {self.limits.max_concurrent_streams} "
+                "(limits.max_concurrent_streams): retry later"
+            )
+        meter = self.open.open()
+        result = "error"
+        try:
+            async with self.holder.lease() as slot:
+                engine = slot.engine
+                ids = engine.encode_text(prompt) if isinstance(prompt, str) else engine.encode_chat(prompt)
+                if not ids:
+                    raise InvalidArgument("prompt", prompt, "encodes to no tokens")
+                if len(ids) > self.limits.max_prompt_tokens:
+                    raise ResourceExhausted(
+                        f"the prompt is {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens} "
+                        "(limits.max_prompt_tokens)"
+                    )
+                if len(ids) + sampling.max_tokens > engine.max_model_len:
+                    raise ResourceExhausted(
+                        f"prompt ({len(ids)} tokens) + sampling.max_tokens ({sampling.max_tokens}) exceeds the "
+                        f"model's context of {engine.max_model_len} tokens"
+                    )
+                engine_id = f"{request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
+                async for chunk in engine.generate(ids, sampling, engine_id):
+                    meter.chunk(chunk.text, len(chunk.token_ids))
+                    if chunk.finish_reason is not None:
+                        result = "error" if chunk.finish_reason == "abort" else "ok"
+                    yield StreamChunk(slot.model, chunk)
+        except (asyncio.CancelledError, GeneratorExit):
+            result = "cancelled"
+            raise
+        finally:
+            self.open.close(meter, result)

@@ -1,0 +1,131 @@
+"""Fast unit tests: word counting and reading-speed meters, request validation, settings, start-up model choice."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from services.common import pb
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.registry import Registry
+from services.serving.metrics import BELOW_TARGET_GRACE_S, StreamMeter, count_words
+from services.serving.servicer import prompt_from_request, sampling_from_proto
+from services.serving.settings import LimitSettings, ServingSettings
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [["Hello", " wor", "ld", "  and", " more\n", "x"], ["", " a", "b ", " c"], ["12", "+", "3 ", "= 15."], [" ", " "]],
+)
+def test_streamed_word_counts_add_up_to_split(pieces: list[str]) -> None:
+    after_space, total = True, 0
+    for piece in pieces:
+        added, after_space = count_words(piece, after_space)
+        total += added
+    assert total == len("".join(pieces).split())
+
+
+def test_stream_meter_words_per_minute_and_below_target() -> None:
+    meter = StreamMeter(started=0.0)
+    meter.chunk("The", 1, now=0.5)
+    meter.chunk(" answer is", 2, now=1.5)
+    meter.chunk(" 8.", 1, now=3.5)
+    assert meter.words == 4
+    assert meter.wpm() == pytest.approx(4 * 60 / 3.0)  # first to last token: 3 s
+    assert meter.below_target(now=3.5)  # 80 wpm
+    fast = StreamMeter(started=0.0)
+    fast.chunk(" ".join(["w"] * 10), 10, now=0.1)
+    assert not fast.below_target(now=0.1 + BELOW_TARGET_GRACE_S)  # 10 words in 1 s = 600 wpm
+    before = REGISTRY.get_sample_value("distillery_serving_stream_words_per_minute_count") or 0
+    meter.finish("ok")
+    assert REGISTRY.get_sample_value("distillery_serving_stream_words_per_minute_count") == before + 1
+
+
+LIMITS = LimitSettings(max_tokens=100, default_max_tokens=50, max_stop_strings=2)
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        (pb.common.SamplingParams(temperature=-1), "sampling.temperature=-1.0"),
+        (pb.common.SamplingParams(temperature=math.nan), "sampling.temperature=nan"),
+        (pb.common.SamplingParams(top_p=0), "sampling.top_p=0.0"),
+        (pb.common.SamplingParams(top_k=-2), "sampling.top_k=-2"),
+        (pb.common.SamplingParams(max_tokens=0), "sampling.max_tokens=0"),
+        (pb.common.SamplingParams(n=2), "sampling.n=2"),
+        (pb.common.SamplingParams(logprobs=5), "sampling.logprobs=5"),
+        (pb.common.SamplingParams(stop=["a", "b", "c"]), "sampling.stop="),
+        (pb.common.SamplingParams(extra={"seed": "1"}), "sampling.extra['seed']='1'"),
+        (pb.common.SamplingParams(extra={"ignore_eos": "yes"}), "sampling.extra['ignore_eos']='yes'"),
+        (pb.common.SamplingParams(presence_penalty=3), "sampling.presence_penalty=3.0"),
+    ],
+)
+def test_bad_sampling_values_name_the_field(sampling: pb.common.SamplingParams, field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        sampling_from_proto(sampling, LIMITS)
+    assert str(err.value).startswith(field)
+
+
+def test_sampling_defaults_and_limits() -> None:
+    default = sampling_from_proto(pb.common.SamplingParams(), LIMITS)
+    assert (default.max_tokens, default.temperature, default.top_p, default.ignore_eos) == (50, 1.0, 1.0, False)
+    custom = sampling_from_proto(
+        pb.common.SamplingParams(max_tokens=7, temperature=0, extra={"ignore_eos": "true", "min_tokens": "3"}), LIMITS
+    )
+    assert (custom.max_tokens, custom.temperature, custom.ignore_eos, custom.min_tokens) == (7, 0.0, True, 3)
+    with pytest.raises(ResourceExhausted, match="max_tokens=101"):
+        sampling_from_proto(pb.common.SamplingParams(max_tokens=101), LIMITS)
+
+
+def test_prompt_is_messages_or_text() -> None:
+    chat = pb.serving.GenerateRequest(messages=[pb.common.ChatMessage(role="user", content="hi")])
+    assert prompt_from_request(chat) == (("user", "hi"),)
+    assert prompt_from_request(pb.serving.GenerateRequest(prompt="raw")) == "raw"
+    with pytest.raises(InvalidArgument, match="messages"):
+        prompt_from_request(pb.serving.GenerateRequest())
+    with pytest.raises(InvalidArgument, match=r"messages\[0\]\.role='robot'"):
+        prompt_from_request(pb.serving.GenerateRequest(messages=[pb.common.ChatMessage(role="robot")]))
+    with pytest.raises(InvalidArgument, match="not both"):
+        prompt_from_request(pb.serving.GenerateRequest(prompt="x", messages=chat.messages))
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = ServingSettings()
+    assert (defaults.grpc_port, defaults.metrics_port, defaults.swap.strategy) == (50053, 9103, "standby")
+    monkeypatch.setenv("DISTILLERY_SERVING_LIMITS__MAX_TOKENS", "77")
+    monkeypatch.setenv("DISTILLERY_SERVING_VLLM__MAX_NUM_SEQS", "9")
+    monkeypatch.setenv("DISTILLERY_SERVING_SWAP__STRATEGY", "in_place")
+    monkeypatch.setenv("DISTILLERY_SERVING_INITIAL_MODEL", "smollm2-135m-instruct")
+    settings = ServingSettings()
+    assert settings.limits.max_tokens == 77 and settings.vllm.max_num_seqs == 9
+    assert settings.swap.strategy == "in_place" and settings.initial_model == "smollm2-135m-instruct"
+
+
+def _register(registry: Registry, source: Path, promote: bool = True) -> object:
+    staged = registry.staging_dir()
+    for file in source.iterdir():
+        shutil.copy(file, staged / file.name)
+    ckpt = registry.write(staged, run_id="run", step=1, parameter_count=1)
+    if promote:
+        registry.promote(ckpt)
+    return ckpt
+
+
+async def test_start_up_prefers_the_newest_promoted_checkpoint_that_verifies(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from services.serving.main import ServingApp
+
+    settings = ServingSettings(home=tmp_path, watch_checkpoints=False, initial_model=str(tiny_model_dir))
+    app = ServingApp(settings)
+    assert [m.version for m in app._candidates()] == [0]  # only the configured model
+    _register(app.registry, tiny_model_dir)  # v1, promoted
+    _register(app.registry, tiny_model_dir, promote=False)  # v2, not promoted
+    broken = _register(app.registry, tiny_model_dir)  # v3, promoted, then corrupted
+    (broken.path / "config.json").write_text("{}")  # type: ignore[attr-defined]
+    assert [m.version for m in app._candidates()] == [1, 0]
+    assert next(iter(app._candidates())).registry_uri.startswith("file://")
