@@ -3,8 +3,9 @@
 vLLM batches every request in flight (continuous batching). Each generated position comes back with the sampled
 token's logprob and the top-k alternatives. We ask vLLM for *flat* logprobs: per position the sampled token comes
 first, then the top-k in rank order (descending logprob), and the sampled token appears again in the top-k when it
-ranks ≤ k. So position i is `logprobs[start_i]` (sampled) + `[start_i + 1, end_i)` (top-k, already sorted): no
-dicts, no sorting. Logprobs are the raw model distribution (before temperature, top-p, penalties).
+ranks ≤ k. So position i is usually `logprobs[start_i]` (sampled) + `[start_i + 1, end_i)` (top-k, already
+sorted): no dicts, no sorting (see `flat_to_logprobs` for the exception). Logprobs are the raw model
+distribution (before temperature, top-p, penalties).
 
 An engine whose core process dies completes `dead` with the error; the service exits non-zero on it.
 """
@@ -109,18 +110,28 @@ class TeacherEngine(Protocol):
 
 
 def flat_to_logprobs(flat: Any, top_k: int, first: int = 0) -> Logprobs:
-    """vLLM `FlatLogprobs` (sampled token first, then top-k by rank) → packed `Logprobs`, from position `first`."""
+    """vLLM `FlatLogprobs` → packed `Logprobs`, from position `first`.
+
+    A position normally holds k + 1 entries: the sampled token, then the top-k by rank. When vLLM merges deltas
+    a slow reader had not picked up yet, positions pass through a {token_id: Logprob} dict, which drops the
+    second copy of a sampled token that is also in the top-k: k entries, sampled first. Those are re-sorted.
+    """
     out = Logprobs(top_k)
     if flat is None:
         return out
     starts, ends, ids, lps = flat.start_indices, flat.end_indices, flat.token_ids, flat.logprobs
     for i in range(first, len(starts)):
         s, e = starts[i], ends[i]
-        if e - s != top_k + 1:
-            raise RuntimeError(f"position {i}: vLLM returned {e - s} logprobs, expected {top_k} + the sampled token")
         out.sampled.append(lps[s])
-        out.top_ids.extend(ids[s + 1 : e])
-        out.top_logprobs.extend(lps[s + 1 : e])
+        if e - s == top_k + 1:
+            out.top_ids.extend(ids[s + 1 : e])
+            out.top_logprobs.extend(lps[s + 1 : e])
+        elif e - s == top_k:
+            order = sorted(range(s, e), key=lambda j: -lps[j])
+            out.top_ids.extend(ids[j] for j in order)
+            out.top_logprobs.extend(lps[j] for j in order)
+        else:
+            raise RuntimeError(f"position {i}: vLLM returned {e - s} logprobs for top-k {top_k}")
     return out
 
 

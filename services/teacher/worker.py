@@ -56,6 +56,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         logger.info("prompt partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+        if assigned:
+            self.worker._loop.call_soon_threadsafe(self.worker.assigned.set)
 
 
 class PromptWorker:
@@ -75,7 +77,10 @@ class PromptWorker:
         self._failure: BaseException | None = None
         self._failed = asyncio.Event()
         self.lag: int | None = None
+        #: Set once the worker is consuming; `assigned` once the group gave it partitions.
         self.started = asyncio.Event()
+        self.assigned = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
 
     async def _in_consumer_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
