@@ -1,0 +1,182 @@
+"""Distillation losses on the teacher's top-k log-probs, with the remaining probability mass as a tail bucket.
+
+The teacher stream carries, per completion position, the teacher's k most likely token ids and their log-probs
+(from its raw distribution). Both distributions are compared on k + 1 buckets: the k teacher ids and "everything
+else" (tail). For the teacher the tail is 1 − Σ top-k; for the student it is 1 − Σ q(top-k ids) under its full
+softmax. This keeps every divergence a proper divergence between two distributions without storing the teacher's
+full 49k-wide distribution (top-20 holds ≈97% of SmolLM2's mass on word problems, PLATFORM.md).
+
+Shapes: N answer positions, K top-k width (padded entries have teacher log-prob −inf), V vocabulary.
+Every loss returns per-position values (N,); `weighted_mean` reduces them (an all-masked batch gives 0, not NaN).
+
+- forward KL(p‖q) — Hinton et al. 2015; word-level KD (Kim & Rush 2016).
+- reverse KL(q‖p) — MiniLLM (Gu et al. 2024, arXiv:2306.08543).
+- generalized JSD(β) — GKD (Agarwal et al. 2024, arXiv:2306.13649, eq. 1), TRL's convention: mixture
+  m = β·p + (1−β)·q, JSD = β·KL(p‖m) + (1−β)·KL(q‖m); β = 0 is forward KL and β = 1 reverse KL, as in TRL.
+- skew KL(α) — DistiLLM (Ko et al. 2024, arXiv:2402.03898): KL(p ‖ α·p + (1−α)·q); α = 0 is forward KL.
+- cross-entropy on given tokens — sequence-level KD on the teacher's sampled tokens (Kim & Rush 2016), and SFT on
+  a reference answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Floor of a bucket's probability: keeps reverse KL finite when the teacher's top-k hold (almost) all its mass.
+MIN_PROB = 1e-8
+#: Log-prob of an empty (padded) bucket. Finite on purpose: exp() of it is exactly 0 in float32, and unlike −inf it
+#: keeps logaddexp's gradient finite (−inf − −inf = nan would poison the backward pass of the JSD mixture).
+EMPTY = -1e4
+COMPONENTS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "cross_entropy", "reference_ce")
+
+
+def teacher_buckets(top_logprobs: Tensor) -> Tensor:
+    """(N, K) teacher top-k log-probs (−inf = padding) → (N, K + 1) bucket log-probs, tail last."""
+    top = top_logprobs.float().clamp_min(EMPTY)
+    mass = top.exp().sum(-1)  # (N,)  exp(EMPTY) = 0 for padding
+    tail = torch.log((1.0 - mass).clamp_min(MIN_PROB))
+    return torch.cat([top, tail.unsqueeze(-1)], dim=-1)
+
+
+def student_buckets(logits: Tensor, top_ids: Tensor, valid: Tensor, temperature: float = 1.0) -> Tensor:
+    """Student logits (N, V) at the teacher's ids (N, K) → (N, K + 1) bucket log-probs, tail last.
+
+    `valid` (N, K) is False for padded top-k entries; they get EMPTY so they carry no mass on either side.
+    The log-softmax is taken in float32 even under bf16 autocast (a 49k-way softmax loses too much in bf16).
+    """
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (N, V)
+    top = logp.gather(-1, top_ids).masked_fill(~valid, EMPTY)  # (N, K)
+    mass = top.exp().sum(-1)
+    # 1 − Σ can round below zero when the top-k hold nearly all mass; the floor keeps log finite.
+    tail = torch.log((1.0 - mass).clamp_min(MIN_PROB))
+    return torch.cat([top, tail.unsqueeze(-1)], dim=-1)
+
+
+def kl(p_log: Tensor, q_log: Tensor) -> Tensor:
+    """KL(p‖q) per row over the last dim, (N, B) × (N, B) → (N,); buckets with p = 0 contribute 0."""
+    p = p_log.exp()
+    # 0 · log(0 / q) is defined as 0: empty buckets contribute nothing, whatever q is there.
+    diff = torch.where(p > 0, p_log - q_log.clamp_min(EMPTY), torch.zeros_like(p_log))
+    return (p * diff).sum(-1)
+
+
+def forward_kl(t_log: Tensor, s_log: Tensor) -> Tensor:
+    """KL(teacher‖student): mass-covering. (N, B) → (N,)."""
+    return kl(t_log, s_log)
+
+
+def reverse_kl(t_log: Tensor, s_log: Tensor) -> Tensor:
+    """KL(student‖teacher): mode-seeking. (N, B) → (N,)."""
+    return kl(s_log, t_log)
+
+
+def _mix(a_log: Tensor, b_log: Tensor, w: float) -> Tensor:
+    """log(w·a + (1−w)·b) per bucket, computed in log space."""
+    return torch.logaddexp(a_log + math.log(w), b_log + math.log1p(-w))
+
+
+def generalized_jsd(t_log: Tensor, s_log: Tensor, beta: float) -> Tensor:
+    """β·KL(p‖m) + (1−β)·KL(q‖m), m = β·p + (1−β)·q (GKD eq. 1, TRL's convention). (N, B) → (N,)."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"loss.jsd_beta={beta}: must be in [0, 1]")
+    if beta == 0.0:
+        return forward_kl(t_log, s_log)
+    if beta == 1.0:
+        return reverse_kl(t_log, s_log)
+    m_log = _mix(t_log, s_log, beta)
+    return beta * kl(t_log, m_log) + (1.0 - beta) * kl(s_log, m_log)
+
+
+def skew_kl(t_log: Tensor, s_log: Tensor, alpha: float) -> Tensor:
+    """KL(p ‖ α·p + (1−α)·q) (DistiLLM skew KL). (N, B) → (N,)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"loss.skew_alpha={alpha}: must be in [0, 1]")
+    if alpha == 0.0:
+        return forward_kl(t_log, s_log)
+    if alpha == 1.0:
+        return torch.zeros(t_log.shape[0], device=t_log.device)
+    return kl(t_log, _mix(t_log, s_log, alpha))
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """−log q(target) per position, logits (N, V), targets (N,) → (N,); float32 log-softmax."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(0, dtype=torch.float32)
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """Σ w·v / N over N positions; 0 (with a gradient path) when N = 0."""
+    return (values * weights).sum() / max(values.shape[0], 1)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The run spec's mix: each term's weight, plus the JSD β, skew α and student temperature."""
+
+    forward_kl: float = 1.0
+    reverse_kl: float = 0.0
+    jsd: float = 0.0
+    skew_kl: float = 0.0
+    cross_entropy: float = 0.0
+    reference_ce: float = 0.0
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    temperature: float = 1.0
+
+    def uses_teacher_distribution(self) -> bool:
+        return any(w > 0 for w in (self.forward_kl, self.reverse_kl, self.jsd, self.skew_kl))
+
+
+@dataclass
+class LossInputs:
+    """Everything the mixed loss needs for one micro-batch, already gathered at answer positions.
+
+    Teacher-sample positions (Nt): `t_logits` (Nt, V), `top_ids` / `top_logprobs` (Nt, K), `top_valid` (Nt, K),
+    `sampled` (Nt,) the teacher's sampled token, `t_weights` (Nt,). Reference-answer positions (Nr):
+    `r_logits` (Nr, V), `r_targets` (Nr,), `r_weights` (Nr,).
+    """
+
+    t_logits: Tensor
+    top_ids: Tensor
+    top_logprobs: Tensor
+    top_valid: Tensor
+    sampled: Tensor
+    t_weights: Tensor
+    r_logits: Tensor
+    r_targets: Tensor
+    r_weights: Tensor
+
+
+def distillation_loss(w: LossWeights, x: LossInputs) -> tuple[Tensor, dict[str, float]]:
+    """The weighted sum of the enabled terms, and each term's value (unweighted) for metrics.
+
+    Each term is a mean over its own positions, so the teacher and reference terms keep their scale whatever
+    the mix of sample kinds in a batch.
+    """
+    parts: dict[str, Tensor] = {}
+    if w.uses_teacher_distribution() and x.t_logits.shape[0] > 0:
+        t_log = teacher_buckets(x.top_logprobs)
+        s_log = student_buckets(x.t_logits, x.top_ids, x.top_valid, w.temperature)
+        if w.forward_kl > 0:
+            parts["forward_kl"] = weighted_mean(forward_kl(t_log, s_log), x.t_weights)
+        if w.reverse_kl > 0:
+            parts["reverse_kl"] = weighted_mean(reverse_kl(t_log, s_log), x.t_weights)
+        if w.jsd > 0:
+            parts["jsd"] = weighted_mean(generalized_jsd(t_log, s_log, w.jsd_beta), x.t_weights)
+        if w.skew_kl > 0:
+            parts["skew_kl"] = weighted_mean(skew_kl(t_log, s_log, w.skew_alpha), x.t_weights)
+    if w.cross_entropy > 0 and x.t_logits.shape[0] > 0:
+        parts["cross_entropy"] = weighted_mean(token_cross_entropy(x.t_logits, x.sampled), x.t_weights)
+    if w.reference_ce > 0 and x.r_logits.shape[0] > 0:
+        parts["reference_ce"] = weighted_mean(token_cross_entropy(x.r_logits, x.r_targets), x.r_weights)
+    # Zero with a graph to the logits, so an all-masked micro-batch still backpropagates (zeros) cleanly.
+    total = x.t_logits.sum() * 0.0 + x.r_logits.sum() * 0.0
+    for name, value in parts.items():
+        total = total + getattr(w, name) * value
+    return total, {name: float(value.detach()) for name, value in parts.items()}
