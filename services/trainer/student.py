@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common import pb
+from services.common.errors import InvalidArgument
 from services.common.models import load_causal_lm, load_tokenizer, offline
 from services.common.registry import path_from_uri, verify
 
@@ -117,7 +118,10 @@ def _check_architecture(config: Any) -> None:
 
 
 def resolve_shape(config: Any, want: Any, field: str) -> Shape:
-    """The student's shape: `want`'s non-zero fields, the teacher's `config` for the rest; validated."""
+    """The student's shape: `want`'s non-zero fields, the teacher's `config` for the rest.
+
+    Raises InvalidArgument naming `{field}.<name>` (e.g. `spec.student.pruned.hidden_size`).
+    """
     shape = Shape(
         num_layers=want.num_layers or config.num_hidden_layers,
         hidden_size=want.hidden_size or config.hidden_size,
@@ -126,15 +130,11 @@ def resolve_shape(config: Any, want: Any, field: str) -> Shape:
         num_key_value_heads=want.num_key_value_heads or config.num_key_value_heads,
     )
     if shape.hidden_size % shape.num_attention_heads:
-        raise ValueError(
-            f"{field}.hidden_size={shape.hidden_size}: must be a multiple of "
-            f"num_attention_heads={shape.num_attention_heads}"
-        )
+        why = f"must be a multiple of num_attention_heads={shape.num_attention_heads}"
+        raise InvalidArgument(f"{field}.hidden_size", shape.hidden_size, why)
     if shape.num_attention_heads % shape.num_key_value_heads:
-        raise ValueError(
-            f"{field}.num_attention_heads={shape.num_attention_heads}: must be a multiple of "
-            f"num_key_value_heads={shape.num_key_value_heads}"
-        )
+        why = f"must be a multiple of num_key_value_heads={shape.num_key_value_heads}"
+        raise InvalidArgument(f"{field}.num_attention_heads", shape.num_attention_heads, why)
     if field.endswith("pruned"):
         limits = {
             "num_layers": config.num_hidden_layers,
@@ -145,14 +145,14 @@ def resolve_shape(config: Any, want: Any, field: str) -> Shape:
         }
         for name, limit in limits.items():
             if getattr(shape, name) > limit:
-                raise ValueError(f"{field}.{name}={getattr(shape, name)}: pruning cannot grow the teacher's {limit}")
+                raise InvalidArgument(
+                    f"{field}.{name}", getattr(shape, name), f"pruning cannot exceed the teacher's {limit}"
+                )
         teacher_group = config.num_attention_heads // config.num_key_value_heads
         group = shape.num_attention_heads // shape.num_key_value_heads
         if group > teacher_group:
-            raise ValueError(
-                f"{field}.num_attention_heads={shape.num_attention_heads}: {group} query heads per key/value head, "
-                f"the teacher has {teacher_group}"
-            )
+            why = f"{group} query heads per key/value head, the teacher has {teacher_group}"
+            raise InvalidArgument(f"{field}.num_attention_heads", shape.num_attention_heads, why)
     return shape
 
 

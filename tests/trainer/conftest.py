@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,3 +24,40 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
         seed=1,
         dtype="float32",
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_samples(tiny_teacher: Path) -> list:
+    """48 train + 8 eval teacher samples of the tiny teacher (top-5 log-probs, 10 tokens each)."""
+    from tests.trainer.samples import make_samples
+
+    return make_samples(tiny_teacher, 48, 8)
+
+
+def tiny_spec(run_id: str = "", **schedule: int) -> Any:
+    """A run spec for the tiny teacher: a 2-layer pruned student, small batches, frequent checkpoints."""
+    from services.common import pb
+
+    spec = pb.trainer.RunSpec(
+        run_id=run_id,
+        student=pb.trainer.StudentRecipe(
+            pruned=pb.trainer.PrunedStudent(
+                num_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                calibration_samples=8,
+            )
+        ),
+        schedule=pb.trainer.Schedule(batch_size=8, eval_every_steps=5, max_steps=10, learning_rate=3e-3),
+        eval=pb.trainer.EvalSpec(min_eval_samples=4, max_new_tokens=8),
+    )  # fmt: skip
+    for name, value in schedule.items():
+        setattr(spec.schedule, name, value)
+    return spec
+
+
+def trainer_settings(teacher: Path, home: Path, kafka: Any, **kw: Any) -> Any:
+    from services.trainer.settings import TrainerSettings
+
+    return TrainerSettings(
+        home=home, kafka=kafka, teacher_model=str(teacher), grpc_port=0, metrics_port=0, batch_wait_s=0.3,
+        torch_threads=2, **kw,
+    )  # fmt: skip

@@ -1,0 +1,211 @@
+"""Sample intake: teacher-sample records from Kafka → training items in the replay buffer, or the eval set.
+
+Per record, in order: undecodable or inconsistent → dead-letter topic (the run goes on); re-read after a resume →
+restored from the checkpoint's pending list or skipped as done; duplicate `sample_id` → dropped; eval split →
+held-out set; task filter, truncation filter, verification (keep correct / keep all / weight) → a teacher item;
+the first sample of a prompt with a reference answer also yields a reference item (SFT on the worked solution)
+when the spec weighs `reference_ce`. The offset tracker learns how many items each record produced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from services.common import pb
+from services.common.kafka import DeadLetterWriter, ProtoConsumer, Received
+from services.tasks import get_task, task_names
+from services.trainer import metrics
+from services.trainer.buffer import REFERENCE, SAMPLE, Item, OffsetTracker, Replay, ReplayBuffer
+from services.trainer.evalset import EvalSet
+
+logger = logging.getLogger(__name__)
+
+SEEN_LIMIT = 200_000
+
+
+def validate_sample(sample: pb.common.TeacherSample) -> None:
+    """Structural checks the decoder applies; a failing record goes to the dead-letter topic."""
+    if not sample.sample_id:
+        raise ValueError("sample_id is empty")
+    if not sample.prompt_token_ids:
+        raise ValueError("prompt_token_ids is empty")
+    n = len(sample.completion_token_ids)
+    if len(sample.top_ids) != sample.top_k * n or len(sample.top_logprobs) != sample.top_k * n:
+        raise ValueError(
+            f"top_k={sample.top_k} × {n} completion tokens needs {sample.top_k * n} top ids/logprobs, "
+            f"got {len(sample.top_ids)}/{len(sample.top_logprobs)}"
+        )
+    if min(sample.prompt_token_ids) < 0 or (n and min(sample.completion_token_ids) < 0):
+        raise ValueError("negative token id")
+
+
+class BoundedSet:
+    """Insertion-ordered set that forgets its oldest members past `limit` (duplicates arrive close together)."""
+
+    def __init__(self, limit: int = SEEN_LIMIT, items: list[str] | None = None) -> None:
+        self.limit = limit
+        self._d: OrderedDict[str, None] = OrderedDict((k, None) for k in (items or []))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._d
+
+    def add(self, key: str) -> None:
+        self._d[key] = None
+        if len(self._d) > self.limit:
+            self._d.popitem(last=False)
+
+    def to_list(self) -> list[str]:
+        return list(self._d)
+
+
+@dataclass
+class IntakeStats:
+    read: int = 0
+    accepted: int = 0
+    duplicate: int = 0
+    filtered: int = 0
+    dead_letter: int = 0
+    eval: int = 0
+
+
+class Intake:
+    def __init__(
+        self,
+        spec: pb.trainer.RunSpec,
+        consumer: ProtoConsumer[pb.common.TeacherSample],
+        dead_letters: DeadLetterWriter,
+        tokenizer: Any,
+        buffer: ReplayBuffer,
+        tracker: OffsetTracker,
+        evalset: EvalSet,
+        replay: Replay | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.consumer = consumer
+        self.dead_letters = dead_letters
+        self.tokenizer = tokenizer
+        self.buffer = buffer
+        self.tracker = tracker
+        self.evalset = evalset
+        self.replay = replay
+        self.stats = IntakeStats()
+        self.eos_id = tokenizer.eos_token_id
+        self.needs_top_k = any(getattr(spec.loss, w) > 0 for w in ("forward_kl", "reverse_kl", "jsd", "skew_kl"))
+        state = state or {}
+        self.seen_samples = BoundedSet(items=state.get("seen_samples"))
+        self.seen_prompts = BoundedSet(items=state.get("seen_prompts"))
+        self.teacher: dict[str, str] = state.get("teacher", {})
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "seen_samples": self.seen_samples.to_list(),
+            "seen_prompts": self.seen_prompts.to_list(),
+            "teacher": self.teacher,
+        }
+
+    def poll(self, timeout_s: float) -> int:
+        """Reads what fits in the buffer (each record can yield two items); returns the records read."""
+        room = self.buffer.room() // 2
+        if room <= 0:
+            return 0
+        records = self.consumer.poll(timeout_s=timeout_s, max_records=room)
+        for record in records:
+            self._take(record)
+        self.stats.read += len(records)
+        return len(records)
+
+    def _take(self, record: Received[pb.common.TeacherSample]) -> None:
+        p, o = record.partition, record.offset
+        if record.error is not None or record.value is None:
+            self.dead_letters.send(record, record.error or "empty record")
+            self.stats.dead_letter += 1
+            metrics.SAMPLES.labels("dead_letter").inc()
+            self.tracker.read(p, o, 0)
+            return
+        sample = record.value
+        if self.replay is not None and self.replay.seen_before(p, o):
+            pending = self.replay.uses(p, o)
+            items = [it for it in self._items(sample, p, o, replay=True) if it.kind in pending]
+            for it in items:
+                it.uses = pending[it.kind]
+            self._accept(p, o, items)
+            return
+        if sample.sample_id in self.seen_samples:
+            self.stats.duplicate += 1
+            metrics.SAMPLES.labels("duplicate").inc()
+            self.tracker.read(p, o, 0)
+            return
+        self.seen_samples.add(sample.sample_id)
+        if sample.teacher_model:
+            self.teacher = {"model": sample.teacher_model, "revision": sample.teacher_revision}
+        if sample.split == pb.common.SPLIT_EVAL:
+            self.evalset.add(sample)
+            self.stats.eval += 1
+            self.tracker.read(p, o, 0)
+            return
+        self._accept(p, o, self._items(sample, p, o, replay=False))
+
+    def _accept(self, p: int, o: int, items: list[Item]) -> None:
+        self.tracker.read(p, o, len(items))
+        for it in items:
+            for evicted in self.buffer.add(it):
+                self.tracker.done(evicted.partition, evicted.offset)
+        self.stats.accepted += len(items)
+
+    def _items(self, sample: pb.common.TeacherSample, p: int, o: int, replay: bool) -> list[Item]:
+        """The items of a train-split sample (deterministic, so a re-read after resume gives the same ones)."""
+        items: list[Item] = []
+        max_len = self.spec.schedule.max_seq_len
+        prompt = list(sample.prompt_token_ids)
+        task = sample.task or self.spec.task
+        keep, weight = self._verdict(sample, task)
+        if len(prompt) >= max_len:
+            keep = False
+        if keep:
+            c = min(len(sample.completion_token_ids), max_len - len(prompt))
+            k = sample.top_k
+            top_ids = np.asarray(sample.top_ids, dtype=np.int64).reshape(-1, k)[:c] if k else None
+            top_lp = np.asarray(sample.top_logprobs, dtype=np.float32).reshape(-1, k)[:c] if k else None
+            ids = prompt + list(sample.completion_token_ids[:c])
+            items.append(Item(p, o, SAMPLE, ids, len(prompt), top_ids, top_lp, weight))
+        elif not replay:
+            self.stats.filtered += 1
+            metrics.SAMPLES.labels("filtered").inc()
+        if (
+            self.spec.loss.reference_ce > 0
+            and sample.HasField("reference_answer")
+            and (replay or sample.prompt_id not in self.seen_prompts)
+            and len(prompt) < max_len - 1
+        ):
+            if not replay:
+                self.seen_prompts.add(sample.prompt_id)
+            ref = [*self.tokenizer.encode(sample.reference_answer, add_special_tokens=False), self.eos_id]
+            ids = prompt + ref[: max_len - len(prompt)]
+            items.append(Item(p, o, REFERENCE, ids, len(prompt)))
+        return items
+
+    def _verdict(self, sample: pb.common.TeacherSample, task: str) -> tuple[bool, float]:
+        """(keep, loss weight) from the data filter and, when a reference exists, the task's checker."""
+        data = self.spec.data
+        if data.tasks and task not in data.tasks:
+            return False, 0.0
+        if data.drop_truncated and sample.finish_reason == pb.common.FINISH_REASON_LENGTH:
+            return False, 0.0
+        if not sample.completion_token_ids or (self.needs_top_k and sample.top_k == 0):
+            return False, 0.0
+        if not sample.HasField("reference_answer") or task not in task_names():
+            return True, 1.0  # nothing to verify against: plain distillation data
+        correct = get_task(task).check(sample.completion_text, sample.reference_answer)
+        if correct:
+            return True, 1.0
+        if data.verify == pb.trainer.VERIFY_MODE_KEEP_CORRECT:
+            return False, 0.0
+        if data.verify == pb.trainer.VERIFY_MODE_WEIGHT:
+            return True, data.incorrect_weight
+        return True, 1.0

@@ -1,0 +1,361 @@
+"""One distillation run: intake → batches → AdamW steps → periodic evaluation, checkpoint, gate, announcement.
+
+`TrainingRun.run()` blocks (the run manager calls it on a worker thread; torch releases the GIL, so gRPC stays
+responsive). It starts from the newest verified checkpoint of the run when there is one — weights, optimizer
+moments, step, RNG, intake and eval state, and the Kafka offsets in its manifest — and otherwise makes the student
+from the spec's recipe and reads the samples topic from the beginning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from google.protobuf.timestamp_pb2 import Timestamp
+from kafka import TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+from services.common import pb
+from services.common.kafka import DeadLetterWriter, ProtoConsumer, ProtoProducer
+from services.common.models import load_causal_lm, load_tokenizer
+from services.common.registry import Checkpoint, Registry
+from services.trainer import metrics
+from services.trainer.batching import batch_loss, collate, lr_at
+from services.trainer.buffer import SAMPLE, Item, OffsetTracker, Replay, ReplayBuffer, resume_state
+from services.trainer.checkpoint import (
+    ResumePoint,
+    checkpoint_event,
+    newest_resume_point,
+    optimizer_from_tensors,
+    passes_gate,
+    write_checkpoint,
+)
+from services.trainer.evalset import EvalSet
+from services.trainer.evaluate import EvalResult, evaluate
+from services.trainer.intake import Intake, validate_sample
+from services.trainer.settings import TrainerSettings
+from services.trainer.spec import loss_weights, to_json
+from services.trainer.student import make_student
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[pb.trainer.RunProgress], None]
+
+
+class SeekOnAssign(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Positions each assigned partition at the checkpoint's offset, or the beginning when it has none."""
+
+    def __init__(self, offsets: dict[int, int]) -> None:
+        self.offsets = offsets
+        self.consumer: Any = None
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        for tp in assigned:
+            if tp.partition in self.offsets:
+                self.consumer.seek(tp, self.offsets[tp.partition])
+            else:
+                self.consumer.seek_to_beginning(tp)
+
+
+def torch_threads(wanted: int) -> int:
+    return wanted or len(os.sched_getaffinity(0))
+
+
+class TrainingRun:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        spec: pb.trainer.RunSpec,
+        teacher_dir: Path,
+        registry: Registry,
+        producer: ProtoProducer,
+        on_progress: Progress,
+        stop: threading.Event,
+    ) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.teacher_dir = teacher_dir
+        self.registry = registry
+        self.producer = producer
+        self.on_progress = on_progress
+        self.stop = stop
+        self.topic = settings.kafka.topic_teacher_samples
+        self.progress = pb.trainer.RunProgress(
+            run_id=spec.run_id, state=pb.trainer.RUN_STATE_RUNNING, max_steps=spec.schedule.max_steps
+        )
+        self.student_parameters = 0
+        self.step = 0
+        self._last_ckpt_step = -1
+        self._window: deque[tuple[float, int]] = deque(maxlen=20)
+
+    # --- set-up -------------------------------------------------------------------------------------------------
+
+    def _load(self) -> ResumePoint | None:
+        torch.set_num_threads(torch_threads(self.settings.torch_threads))
+        torch.manual_seed(self.spec.seed)
+        resume = newest_resume_point(self.registry, self.spec.run_id)
+        if resume is not None:
+            folder = resume.checkpoint.path
+            logger.info("resuming run", extra={"run_id": self.spec.run_id, "checkpoint": str(folder)})
+        else:
+            folder = self.settings.work_dir / self.spec.run_id / "student-init"
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            make_student(self.teacher_dir, self.spec.student, folder, seed=self.spec.seed)
+        self.tokenizer_dir = folder
+        self.model = load_causal_lm(folder, dtype=torch.float32)
+        self.model.train()
+        self.tokenizer = load_tokenizer(folder)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.student_parameters = sum(p.numel() for p in self.model.parameters())
+        s = self.spec.schedule
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=s.learning_rate,
+            betas=(0.9, 0.95),
+        )
+        if resume is not None:
+            optimizer_from_tensors(self.optimizer, resume.optimizer_tensors, resume.state["param_groups"])
+            if "rng.torch" in resume.optimizer_tensors:
+                torch.set_rng_state(resume.optimizer_tensors["rng.torch"])
+            self.step = int(resume.state["step"])
+            self._last_ckpt_step = self.step
+            self.progress.tokens_trained = int(resume.checkpoint.manifest.metrics.get("tokens_trained", 0))
+            self.progress.last_checkpoint_version = resume.checkpoint.version
+        return resume
+
+    def _open_intake(self, resume: ResumePoint | None) -> None:
+        s = self.spec
+        offsets: dict[int, int] = {}
+        state: dict[str, Any] = {}
+        if resume is not None:
+            offsets = {int(p): int(o) for p, o in resume.checkpoint.manifest.kafka_offsets.get(self.topic, {}).items()}
+            state = resume.state
+        listener = SeekOnAssign(offsets)
+        self.consumer: ProtoConsumer[pb.common.TeacherSample] = ProtoConsumer(
+            self.settings.kafka,
+            self.topic,
+            pb.common.TeacherSample,
+            group_id=f"{self.settings.group_prefix}.{s.run_id}",
+            client_name=f"trainer-{s.run_id}",
+            validate=validate_sample,
+            listener=listener,
+        )
+        listener.consumer = self.consumer.kafka
+        self.buffer = ReplayBuffer(s.schedule.replay_buffer_size, s.schedule.sample_reuse)
+        self.tracker = OffsetTracker(start=offsets)
+        self.evalset = EvalSet(s.eval.max_prompts, s.eval.max_agreement_samples, s.task)
+        if "eval" in state:
+            self.evalset.load_state(state["eval"])
+        dead = DeadLetterWriter(self.producer, self.settings.kafka.topic_dead_letters, "trainer")
+        replay = Replay.from_state(state["buffer"]) if "buffer" in state else None
+        self.intake = Intake(
+            s, self.consumer, dead, self.tokenizer, self.buffer, self.tracker, self.evalset, replay, state.get("intake")
+        )
+        self.weights = loss_weights(s)
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Trains until max_steps or `stop`; returns the final RunState (SUCCEEDED or STOPPED)."""
+        resume = self._load()
+        self._open_intake(resume)
+        try:
+            s = self.spec.schedule
+            while not self.stop.is_set() and not (s.max_steps and self.step >= s.max_steps):
+                if not self._train_step():
+                    break
+                if self.step % s.eval_every_steps == 0:
+                    self._checkpoint(evaluate_first=True)
+            finished = bool(s.max_steps and self.step >= s.max_steps)
+            if self.step != self._last_ckpt_step and (finished or self.settings.checkpoint_on_stop):
+                self._checkpoint(evaluate_first=finished)
+            return pb.trainer.RUN_STATE_SUCCEEDED if finished else pb.trainer.RUN_STATE_STOPPED
+        finally:
+            self.consumer.close()
+
+    def _next_items(self, n: int) -> list[Item] | None:
+        """The next micro-batch's items (blocking on the stream), or None when asked to stop."""
+        waited_since: float | None = None
+        replay_ok = self.spec.schedule.sample_reuse > 1
+        while not self.stop.is_set():
+            enough = self.buffer.fresh >= n
+            read = self.intake.poll(0.0 if enough else self.settings.poll_timeout_s)
+            if self.buffer.fresh >= n:
+                items, done = self.buffer.take(n, replay=False)
+            elif read == 0 and replay_ok and len(self.buffer) > self.buffer.fresh:
+                items, done = self.buffer.take(n, replay=True)
+            elif read == 0 and self.buffer.fresh > 0:
+                waited_since = waited_since or time.monotonic()
+                if time.monotonic() - waited_since < self.settings.batch_wait_s:
+                    continue
+                items, done = self.buffer.take(n, replay=False)
+            else:
+                self._publish_idle()
+                continue
+            self._pending_done.extend(done)
+            return items
+        return None
+
+    def _train_step(self) -> bool:
+        """One optimizer step over grad_accum_steps micro-batches; False when stopped before any data came."""
+        s = self.spec.schedule
+        started = time.monotonic()
+        self._pending_done: list[Item] = []
+        lr = lr_at(self.step, s.learning_rate, s.warmup_steps, s.max_steps, s.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals: dict[str, float] = {}
+        loss_sum, targets, tokens, micro = 0.0, 0, 0, 0
+        trained: list[Item] = []
+        for _ in range(s.grad_accum_steps):
+            items = self._next_items(s.batch_size)
+            if items is None:
+                break  # stopping: apply what was accumulated, so every taken item is really trained
+            trained += items
+            batch = collate(items, self.pad_id)
+            loss, parts = batch_loss(self.model, batch, self.weights, s.bf16_autocast)
+            (loss / s.grad_accum_steps).backward()
+            micro += 1
+            loss_sum += float(loss.detach())
+            for name, value in parts.items():
+                totals[name] = totals.get(name, 0.0) + value
+            targets += batch.targets_count
+            tokens += batch.tokens
+            first_use = sum(1 for it in items if it.kind == SAMPLE and it.uses == 1)
+            metrics.SAMPLES.labels("trained").inc(first_use)
+        if micro == 0:
+            return False
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for it in self._pending_done:
+            self.tracker.done(it.partition, it.offset)
+        self.step += 1
+        if self.settings.lineage_log is not None:
+            self._lineage(trained)
+        elapsed = time.monotonic() - started
+        self._window.append((elapsed, targets))
+        rate = sum(t for _, t in self._window) / max(1e-9, sum(e for e, _ in self._window))
+        components = {k: v / micro for k, v in totals.items()}
+        self._record_step(loss_sum / micro, components, targets, rate, lr)
+        return micro == s.grad_accum_steps or not self.stop.is_set()
+
+    def _lineage(self, items: list[Item]) -> None:
+        line = {
+            "pid": os.getpid(),
+            "run_id": self.spec.run_id,
+            "step": self.step,
+            "items": [[it.partition, it.offset, it.kind, it.uses] for it in items],
+        }
+        assert self.settings.lineage_log is not None
+        with open(self.settings.lineage_log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    # --- progress, evaluation, checkpoints ----------------------------------------------------------------------
+
+    def _record_step(self, loss: float, components: dict[str, float], targets: int, rate: float, lr: float) -> None:
+        p = self.progress
+        p.step = self.step
+        p.loss = loss
+        p.loss_components.clear()
+        p.loss_components.update(components)
+        p.tokens_trained += targets
+        p.tokens_per_s = rate
+        p.learning_rate = lr
+        metrics.STEP.set(self.step)
+        metrics.TOKENS_TRAINED.inc(targets)
+        metrics.TOKENS_PER_SECOND.set(rate)
+        metrics.LOSS.labels("total").set(loss)
+        for name, value in components.items():
+            metrics.LOSS.labels(name).set(value)
+        self._publish()
+
+    def _publish_idle(self) -> None:
+        now = time.monotonic()
+        if now - getattr(self, "_idle_published", 0.0) >= 1.0:
+            self._idle_published = now
+            self._publish()
+
+    def _publish(self) -> None:
+        p = self.progress
+        st = self.intake.stats
+        p.samples_seen = st.read
+        p.samples_dropped = st.duplicate + st.filtered + st.dead_letter
+        lag = self.consumer.lag()
+        if lag is not None:
+            p.lag = lag
+            metrics.CONSUMER_LAG.set(lag)
+        now = Timestamp()
+        now.GetCurrentTime()
+        p.updated_at.CopyFrom(now)
+        self.on_progress(p)
+
+    def _checkpoint(self, evaluate_first: bool) -> Checkpoint:
+        result = EvalResult()
+        if evaluate_first and self.evalset.ready(self.spec.eval.min_eval_samples):
+            started = time.monotonic()
+            result = evaluate(self.model, self.tokenizer, self.evalset, self.spec)
+            logger.info(
+                "evaluated",
+                extra={"run_id": self.spec.run_id, "step": self.step, "metrics": result.metrics(),
+                       "seconds": round(time.monotonic() - started, 1), "examples": result.samples},
+            )  # fmt: skip
+            for name, value in result.metrics().items():
+                metrics.EVAL_GAUGES[name].set(value)
+            self.progress.last_eval.CopyFrom(result.to_proto(self.step))
+        scores = {**result.metrics(), "loss": self.progress.loss, "tokens_trained": float(self.progress.tokens_trained)}
+        offsets = {str(p): o for p, o in self.tracker.safe_offsets().items()}
+        teacher = self.intake.teacher or {"model": self.teacher_dir.name}
+        ckpt = write_checkpoint(
+            self.registry,
+            self.model,
+            self.optimizer,
+            self.tokenizer_dir,
+            run_id=self.spec.run_id,
+            step=self.step,
+            parameter_count=self.student_parameters,
+            metrics=scores,
+            teacher=teacher,
+            run_spec=to_json(self.spec),
+            kafka_offsets={self.topic: offsets},
+            trainer_state={
+                "buffer": resume_state(self.tracker, self.buffer),
+                "intake": self.intake.state(),
+                "eval": self.evalset.to_state(),
+            },
+        )
+        self._last_ckpt_step = self.step
+        metrics.CHECKPOINTS_WRITTEN.inc()
+        promote, why = passes_gate(scores, self.spec.gate, self.registry.latest_promoted())
+        if promote:
+            self.registry.promote(ckpt)
+            metrics.CHECKPOINTS_PROMOTED.inc()
+            self.progress.promoted_version = ckpt.version
+        self.producer.send(
+            self.settings.kafka.topic_checkpoints, self.spec.run_id, checkpoint_event(ckpt, promote)
+        ).get(timeout=self.settings.announce_timeout_s)
+        # Informational for lag tools: resume always seeks to the manifest's offsets, not to these.
+        self.consumer.commit({TopicPartition(self.topic, int(p)): o for p, o in offsets.items()})
+        self.progress.last_checkpoint_version = ckpt.version
+        logger.info(
+            "checkpoint written",
+            extra={"run_id": self.spec.run_id, "version": ckpt.version, "step": self.step, "promoted": promote,
+                   "gate": why, "offsets": offsets},
+        )  # fmt: skip
+        self._publish()
+        return ckpt

@@ -1,0 +1,94 @@
+"""TrainerService over gRPC: translation between protos and the run manager, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.common import pb
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, grpc_method
+from services.common.kafka import ProtoProducer
+from services.common.registry import Checkpoint, CheckpointError, Registry, path_from_uri, verify
+from services.trainer import metrics
+from services.trainer.checkpoint import checkpoint_event, checkpoint_proto
+from services.trainer.runs import RunManager
+
+
+class TrainerServicer(pb.trainer_grpc.TrainerServiceServicer):  # type: ignore[misc]
+    def __init__(self, manager: RunManager, registry: Registry, producer: ProtoProducer, topic: str) -> None:
+        self.manager = manager
+        self.registry = registry
+        self.producer = producer
+        self.topic = topic
+
+    @grpc_method("trainer")
+    async def StartRun(
+        self, request: pb.trainer.StartRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.trainer.StartRunResponse:
+        info = await asyncio.to_thread(self.manager.start_run, request.spec)
+        return pb.trainer.StartRunResponse(run=info)
+
+    @grpc_method("trainer")
+    async def GetRun(
+        self, request: pb.trainer.GetRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.trainer.GetRunResponse:
+        return pb.trainer.GetRunResponse(run=self.manager.get(request.run_id))
+
+    @grpc_method("trainer")
+    async def WatchRun(
+        self, request: pb.trainer.WatchRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.trainer.WatchRunResponse]:
+        self.manager.get(request.run_id)  # NOT_FOUND before the stream starts
+        async for progress in self.manager.watch(request.run_id):
+            yield pb.trainer.WatchRunResponse(progress=progress)
+
+    @grpc_method("trainer")
+    async def StopRun(
+        self, request: pb.trainer.StopRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.trainer.StopRunResponse:
+        return pb.trainer.StopRunResponse(run=self.manager.stop(request.run_id))
+
+    @grpc_method("trainer")
+    async def ListCheckpoints(
+        self, request: pb.trainer.ListCheckpointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.trainer.ListCheckpointsResponse:
+        found = await asyncio.to_thread(self.manager.checkpoints, request.run_id, request.promoted_only)
+        promoted = set(self.registry.promoted_versions())
+        return pb.trainer.ListCheckpointsResponse(
+            checkpoints=[checkpoint_proto(c, c.version in promoted) for c in found]
+        )
+
+    @grpc_method("trainer")
+    async def PromoteCheckpoint(
+        self, request: pb.trainer.PromoteCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.trainer.PromoteCheckpointResponse:
+        ckpt = await asyncio.to_thread(self._promote, request)
+        return pb.trainer.PromoteCheckpointResponse(checkpoint=checkpoint_proto(ckpt, True))
+
+    def _promote(self, request: pb.trainer.PromoteCheckpointRequest) -> Checkpoint:
+        if request.version and request.registry_uri:
+            raise InvalidArgument("registry_uri", request.registry_uri, "give either version or registry_uri")
+        if request.version:
+            try:
+                path = self.registry.get(request.version).path
+            except KeyError as exc:
+                raise NotFound(f"version={request.version}: no such checkpoint") from exc
+        elif request.registry_uri:
+            try:
+                path = path_from_uri(request.registry_uri)
+            except CheckpointError as exc:
+                raise InvalidArgument("registry_uri", request.registry_uri, str(exc)) from exc
+            if not path.is_dir():
+                raise NotFound(f"registry_uri={request.registry_uri!r}: no such checkpoint")
+        else:
+            raise InvalidArgument("version", 0, "give a checkpoint version or registry_uri")
+        try:
+            ckpt = verify(path)
+        except CheckpointError as exc:
+            raise FailedPrecondition(f"checkpoint {path.name} fails verification: {exc}") from exc
+        self.registry.promote(ckpt)
+        metrics.CHECKPOINTS_PROMOTED.inc()
+        self.producer.send(self.topic, ckpt.manifest.run_id, checkpoint_event(ckpt, True)).get(timeout=30)
+        return ckpt

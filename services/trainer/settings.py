@@ -1,0 +1,52 @@
+"""Trainer settings: teacher (for the student recipe and tokenizer), compute threads, intake and run behaviour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.models import DEFAULT_TEACHER
+from services.common.settings import ServiceSettings
+
+CONSUMER_GROUP_PREFIX = "distillery-trainer"
+
+
+class TrainerSettings(ServiceSettings):
+    """`distillery trainer serve` (env prefix `DISTILLERY_TRAINER_`, nested fields with `__`)."""
+
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_TRAINER_", env_nested_delimiter="__", extra="ignore")
+
+    grpc_port: int = Field(50052, ge=0, le=65535)
+    metrics_port: int = Field(9102, ge=0, le=65535)
+    teacher_model: str = DEFAULT_TEACHER
+    """The teacher the students are made from (pruning, tokenizer, chat template): a prepared model name under the
+    models folder (the default teacher is prepared on first use) or a Hugging Face-format folder."""
+    torch_threads: int = Field(0, ge=0, le=1024)
+    """Threads torch uses for training; 0 = every core this process may use."""
+    group_prefix: str = CONSUMER_GROUP_PREFIX
+    """Each run reads the samples topic from the start in its own consumer group `<prefix>.<run_id>`."""
+    batch_wait_s: float = Field(2.0, ge=0, le=3600)
+    """With fewer fresh samples than a batch and nothing to replay, train a partial batch after this long."""
+    poll_timeout_s: float = Field(0.2, gt=0, le=60)
+    """Longest wait for new samples when the buffer has room and a batch can still be filled."""
+    resume: bool = True
+    """At start-up, resume the runs that were running or queued when the trainer stopped."""
+    checkpoint_on_stop: bool = True
+    """On StopRun and on SIGTERM, write a checkpoint of the current step before stopping."""
+    lineage_log: Path | None = None
+    """Optional audit trail: one JSON line per optimizer step (pid, run, step, and the partition/offset/kind/use
+    of every item it trained), so what a checkpoint was trained on can be traced back to the samples topic."""
+    announce_timeout_s: float = Field(30.0, gt=0, le=600)
+    """Longest wait for the broker to acknowledge a checkpoint event."""
+
+    @property
+    def runs_dir(self) -> Path:
+        """Where run specs and states are kept so a restarted trainer resumes the unfinished run."""
+        return (self.home / "trainer" / "runs").resolve()
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space (initial students before their first checkpoint)."""
+        return (self.home / "trainer" / "work").resolve()

@@ -1,0 +1,143 @@
+"""Run specs: complete them with defaults, validate them (errors name the field and value), JSON round trip."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from services.common import pb
+from services.common.errors import InvalidArgument
+from services.common.registry import CheckpointError, path_from_uri, verify
+from services.tasks import task_names
+from services.trainer.losses import LossWeights
+from services.trainer.recipes import with_defaults
+from services.trainer.student import resolve_shape
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def new_run_id() -> str:
+    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def _range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise InvalidArgument(field, value, f"must be in {bracket}{low}, {high}]")
+
+
+def complete(spec: pb.trainer.RunSpec, teacher_config: dict[str, Any] | None) -> pb.trainer.RunSpec:
+    """Defaults filled, a run id assigned when empty, and every field validated; raises InvalidArgument."""
+    full = with_defaults(spec)
+    if not full.run_id:
+        full.run_id = new_run_id()
+    validate(full, teacher_config)
+    return full
+
+
+def validate(spec: pb.trainer.RunSpec, teacher_config: dict[str, Any] | None) -> None:
+    """Checks a spec that `with_defaults` completed. `teacher_config` (config.json) checks pruned shapes."""
+    if not RUN_ID_RE.match(spec.run_id):
+        raise InvalidArgument("spec.run_id", spec.run_id, "use 1-64 letters, digits, '.', '_' or '-'")
+    if spec.task not in task_names():
+        raise InvalidArgument("spec.task", spec.task, f"must be one of {task_names()}")
+    _validate_student(spec.student, teacher_config)
+
+    loss = spec.loss
+    weights = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "cross_entropy", "reference_ce")
+    for name in weights:
+        _range(f"spec.loss.{name}", getattr(loss, name), 0.0, 1000.0)
+    _range("spec.loss.jsd_beta", loss.jsd_beta, 0.0, 1.0)
+    _range("spec.loss.skew_alpha", loss.skew_alpha, 0.0, 1.0)
+    _range("spec.loss.temperature", loss.temperature, 0.0, 100.0, low_open=True)
+
+    s = spec.schedule
+    _range("spec.schedule.learning_rate", s.learning_rate, 0.0, 1.0, low_open=True)
+    _range("spec.schedule.warmup_steps", s.warmup_steps, 0, 1_000_000)
+    _range("spec.schedule.max_steps", s.max_steps, 0, 100_000_000)
+    _range("spec.schedule.batch_size", s.batch_size, 1, 4096)
+    _range("spec.schedule.grad_accum_steps", s.grad_accum_steps, 1, 1024)
+    _range("spec.schedule.max_grad_norm", s.max_grad_norm, 0.0, 1e6, low_open=True)
+    _range("spec.schedule.weight_decay", s.weight_decay, 0.0, 10.0)
+    _range("spec.schedule.eval_every_steps", s.eval_every_steps, 1, 100_000_000)
+    _range("spec.schedule.max_seq_len", s.max_seq_len, 8, 32768)
+    _range("spec.schedule.replay_buffer_size", s.replay_buffer_size, s.batch_size, 10_000_000)
+    _range("spec.schedule.sample_reuse", s.sample_reuse, 1, 1000)
+    _range("spec.schedule.min_lr_ratio", s.min_lr_ratio, 0.0, 1.0)
+    if teacher_config and s.max_seq_len > teacher_config.get("max_position_embeddings", s.max_seq_len):
+        raise InvalidArgument(
+            "spec.schedule.max_seq_len", s.max_seq_len, "longer than the model's max_position_embeddings"
+        )
+
+    _range("spec.data.incorrect_weight", spec.data.incorrect_weight, 0.0, 1.0)
+    for i, task in enumerate(spec.data.tasks):
+        if task not in task_names():
+            raise InvalidArgument(f"spec.data.tasks[{i}]", task, f"must be one of {task_names()}")
+    if spec.data.verify not in pb.trainer.VerifyMode.values():
+        raise InvalidArgument("spec.data.verify", spec.data.verify, "unknown verify mode")
+
+    _range("spec.gate.min_accuracy_ratio", spec.gate.min_accuracy_ratio, 0.0, 100.0)
+    _range("spec.gate.min_accuracy", spec.gate.min_accuracy, 0.0, 1.0)
+    _range("spec.eval.max_prompts", spec.eval.max_prompts, 0, 100_000)
+    _range("spec.eval.max_new_tokens", spec.eval.max_new_tokens, 1, 4096)
+    _range("spec.eval.max_agreement_samples", spec.eval.max_agreement_samples, 0, 100_000)
+    _range("spec.eval.min_eval_samples", spec.eval.min_eval_samples, 0, 100_000)
+
+
+def _validate_student(recipe: pb.trainer.StudentRecipe, teacher_config: dict[str, Any] | None) -> None:
+    source = recipe.WhichOneof("source")
+    if source == "init_checkpoint":
+        try:
+            path = path_from_uri(recipe.init_checkpoint)
+            if (path / "manifest.json").is_file():
+                verify(path)
+            elif not any(path.glob("*.safetensors")):
+                raise CheckpointError("no manifest.json and no .safetensors weights")
+        except CheckpointError as exc:
+            raise InvalidArgument("spec.student.init_checkpoint", recipe.init_checkpoint, str(exc)) from exc
+        return
+    if teacher_config is None:
+        return
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig.from_dict(teacher_config)
+    if source == "config":
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+            _range(f"spec.student.config.{name}", getattr(recipe.config, name), 1, 65536)
+        resolve_shape(config, recipe.config, field="spec.student.config")
+    else:
+        resolve_shape(config, recipe.pruned, field="spec.student.pruned")
+
+
+def loss_weights(spec: pb.trainer.RunSpec) -> LossWeights:
+    loss = spec.loss
+    return LossWeights(
+        forward_kl=loss.forward_kl,
+        reverse_kl=loss.reverse_kl,
+        jsd=loss.jsd,
+        skew_kl=loss.skew_kl,
+        cross_entropy=loss.cross_entropy,
+        reference_ce=loss.reference_ce,
+        jsd_beta=loss.jsd_beta,
+        skew_alpha=loss.skew_alpha,
+        temperature=loss.temperature,
+    )
+
+
+def to_json(spec: pb.trainer.RunSpec) -> dict[str, Any]:
+    return json_format.MessageToDict(spec, preserving_proto_field_name=True)
+
+
+def from_json(data: dict[str, Any]) -> pb.trainer.RunSpec:
+    return json_format.ParseDict(data, pb.trainer.RunSpec())
+
+
+def teacher_config_of(folder: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((folder / "config.json").read_text())
+    return data

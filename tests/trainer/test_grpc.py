@@ -1,0 +1,162 @@
+"""TrainerService in-process on port 0 with the real broker: status codes, a run end to end, loss going down."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.common import pb
+from services.common.kafka import ProtoConsumer
+from services.common.settings import KafkaSettings
+from services.trainer.main import TrainerApp
+from tests.trainer.conftest import tiny_spec, trainer_settings
+from tests.trainer.samples import publish, publish_raw
+
+
+@pytest.fixture
+async def app(tiny_teacher: Path, tmp_path: Path, kafka_settings: KafkaSettings) -> AsyncIterator[TrainerApp]:
+    app = await TrainerApp.create(trainer_settings(tiny_teacher, tmp_path / "home", kafka_settings))
+    await app.start()
+    yield app
+    await app.close()
+
+
+@pytest.fixture
+async def stub(app: TrainerApp) -> AsyncIterator[Any]:
+    async with grpc.aio.insecure_channel(app.server.address) as channel:
+        yield pb.trainer_grpc.TrainerServiceStub(channel)
+
+
+async def _code(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code(), info.value.details() or ""
+
+
+async def _wait_state(stub: Any, run_id: str, states: tuple[int, ...], timeout_s: float = 240) -> pb.trainer.RunInfo:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        run = (await stub.GetRun(pb.trainer.GetRunRequest(run_id=run_id))).run
+        if run.progress.state in states:
+            return run
+        assert asyncio.get_running_loop().time() < deadline, f"run {run_id} stuck in {run.progress}"
+        await asyncio.sleep(0.2)
+
+
+async def test_status_codes(stub: Any, app: TrainerApp) -> None:
+    code, details = await _code(stub.GetRun(pb.trainer.GetRunRequest(run_id="nope")))
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+    code, _ = await _code(stub.StopRun(pb.trainer.StopRunRequest(run_id="nope")))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = await _code(stub.WatchRun(pb.trainer.WatchRunRequest(run_id="nope")).read())
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = await _code(stub.PromoteCheckpoint(pb.trainer.PromoteCheckpointRequest(version=999)))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+    bad = tiny_spec()
+    bad.schedule.batch_size = 0
+    code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=bad)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.schedule.batch_size" in details
+    bad = tiny_spec()
+    bad.loss.jsd_beta = 2.0
+    code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=bad)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.loss.jsd_beta" in details
+    bad = tiny_spec()
+    bad.student.pruned.hidden_size = 4096
+    code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=bad)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.student.pruned.hidden_size" in details
+    code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=pb.trainer.RunSpec(task="chess"))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.task" in details
+
+    # No samples on the topic: the first run waits for data, so the trainer is busy.
+    first = (await stub.StartRun(pb.trainer.StartRunRequest(spec=tiny_spec("busy-1", max_steps=0)))).run
+    assert first.progress.state in (pb.trainer.RUN_STATE_QUEUED, pb.trainer.RUN_STATE_RUNNING)
+    code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=tiny_spec("busy-2"))))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "busy-1" in details
+    code, _ = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=tiny_spec("busy-1"))))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    queued_spec = tiny_spec("busy-3")
+    queued_spec.queue = True
+    queued = (await stub.StartRun(pb.trainer.StartRunRequest(spec=queued_spec))).run
+    assert queued.progress.state == pb.trainer.RUN_STATE_QUEUED
+    stopped = (await stub.StopRun(pb.trainer.StopRunRequest(run_id="busy-3"))).run
+    assert stopped.progress.state == pb.trainer.RUN_STATE_STOPPED
+    await _wait_state(stub, "busy-1", (pb.trainer.RUN_STATE_RUNNING,))
+    await stub.StopRun(pb.trainer.StopRunRequest(run_id="busy-1"))
+    run = await _wait_state(stub, "busy-1", (pb.trainer.RUN_STATE_STOPPED,))
+    assert run.progress.step == 0 and not run.progress.error
+
+
+async def test_run_trains_evaluates_checkpoints_and_announces(
+    stub: Any, app: TrainerApp, tiny_samples: list, kafka_settings: KafkaSettings
+) -> None:
+    """A fixed stream, reused: the loss goes down, eval metrics appear, every checkpoint is announced."""
+    publish(kafka_settings, tiny_samples)
+    publish_raw(kafka_settings, [b"\xff\x00not a protobuf"])
+    spec = tiny_spec("fixed", max_steps=30, eval_every_steps=10, sample_reuse=20)
+    spec.gate.min_accuracy_ratio = 0.0  # the tiny teacher is never right: let the gate pass on accuracy 0
+    spec.gate.must_beat_promoted = False
+    await stub.StartRun(pb.trainer.StartRunRequest(spec=spec))
+    seen: list[pb.trainer.RunProgress] = []
+    async for response in stub.WatchRun(pb.trainer.WatchRunRequest(run_id="fixed")):
+        seen.append(response.progress)
+    final = seen[-1]
+    assert final.state == pb.trainer.RUN_STATE_SUCCEEDED, final.error
+    assert final.step == 30 and final.tokens_trained > 0
+    losses = [p.loss for p in seen if p.step > 0]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first * 0.9, (first, last)
+    assert set(final.loss_components) == {"forward_kl", "reference_ce"}
+    ev = final.last_eval
+    assert ev.step == 30 and ev.HasField("kl") and ev.HasField("perplexity") and ev.HasField("accuracy")
+    assert ev.HasField("teacher_accuracy") and ev.eval_prompts == 8
+    assert final.samples_dropped >= 1  # the garbage record
+
+    listed = (await stub.ListCheckpoints(pb.trainer.ListCheckpointsRequest(run_id="fixed"))).checkpoints
+    assert [c.step for c in listed] == [10, 20, 30]
+    assert all(c.promoted for c in listed)  # the gate (accuracy ≥ 0) passes
+    assert final.promoted_version == listed[-1].version
+
+    def drain(topic: str, kind: Any, n: int) -> list[Any]:
+        consumer = ProtoConsumer(kafka_settings, topic, kind, group_id=f"check-{topic}", client_name="check")
+        got: list[Any] = []
+        try:
+            for _ in range(100):
+                got += [r.value for r in consumer.poll(0.5) if r.value is not None]
+                if len(got) >= n:
+                    break
+        finally:
+            consumer.close()
+        return got
+
+    events = await asyncio.to_thread(drain, kafka_settings.topic_checkpoints, pb.common.CheckpointEvent, 3)
+    assert [(e.step, e.promoted, e.run_id) for e in events] == [(10, True, "fixed"), (20, True, "fixed"),
+                                                               (30, True, "fixed")]  # fmt: skip
+    assert events[0].registry_uri == listed[0].registry_uri and events[0].parameter_count > 0
+    letters = await asyncio.to_thread(drain, kafka_settings.topic_dead_letters, pb.common.DeadLetter, 1)
+    assert letters[0].source_topic == kafka_settings.topic_teacher_samples
+    assert letters[0].value == b"\xff\x00not a protobuf" and letters[0].service == "trainer"
+
+    url = f"http://127.0.0.1:{app.server.metrics_port}/metrics"
+    body = (await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())).decode()
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(body)
+        for s in fam.samples
+    }
+    assert values[("distillery_trainer_step", ())] == 30
+    assert values[("distillery_trainer_tokens_trained_total", ())] > 0
+    assert values[("distillery_trainer_samples_total", (("result", "dead_letter"),))] >= 1
+    assert values[("distillery_trainer_checkpoints_written_total", ())] >= 3
+    assert ("distillery_trainer_eval_kl", ()) in values
+
+    # Promote by version is announced too.
+    promoted = (await stub.PromoteCheckpoint(pb.trainer.PromoteCheckpointRequest(version=listed[0].version))).checkpoint
+    assert promoted.promoted and promoted.version == listed[0].version
