@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Annotated
 
 import typer
 
@@ -20,21 +22,56 @@ def serve() -> None:
     asyncio.run(run(ServingSettings()))
 
 
-def loadtest() -> None:
-    """Concurrent Generate streams against a serving address for a bounded time."""
-    from services.common.stub import not_implemented
+def loadtest(
+    address: Annotated[str, typer.Option(help="Serving gRPC address.")] = "127.0.0.1:50053",
+    concurrency: Annotated[int, typer.Option(min=1, help="Streams open at once.")] = 8,
+    duration: Annotated[float, typer.Option(min=0, help="Seconds to run (0: until --streams are done).")] = 30.0,
+    streams: Annotated[int, typer.Option(min=0, help="Streams in all (0: until --duration ends).")] = 0,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per stream.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0)] = 1.0,
+    stop_at_eos: Annotated[
+        bool, typer.Option(help="Let streams end at end-of-sequence (default: exactly max_tokens).")
+    ] = False,
+    swap: Annotated[
+        list[str] | None, typer.Option(help="Checkpoint URI to LoadModel during the run (repeatable).")
+    ] = None,
+    swap_interval: Annotated[float, typer.Option(min=0, help="Seconds between swaps.")] = 10.0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Concurrent Generate streams against a serving address: words per minute, TTFT, ITL, failures, tokens/s."""
+    from services.serving.loadtest import LoadtestConfig, run_loadtest
 
-    not_implemented("loadtest", 5)
+    if duration <= 0 and streams <= 0:
+        raise typer.BadParameter("give --duration and/or --streams")
+    config = LoadtestConfig(
+        address=address,
+        concurrency=concurrency,
+        duration_s=duration if duration > 0 else None,
+        max_streams=streams or None,
+        max_tokens=max_tokens,
+        ignore_eos=not stop_at_eos,
+        temperature=temperature,
+        swap_uris=swap or [],
+        swap_interval_s=swap_interval,
+    )
+    summary = asyncio.run(run_loadtest(config)).summary()
+    if json_output:
+        typer.echo(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            typer.echo(f"{key:>24}: {value}")
+    if summary["failed"]:
+        raise typer.Exit(1)
 
 
-def bench(json_output: bool = False) -> None:
+def bench(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
     """`distillery bench serving`."""
     from services.common.stub import not_implemented
 
     not_implemented("bench serving", 5)
 
 
-def bench_swap(json_output: bool = False) -> None:
+def bench_swap(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
     """`distillery bench swap`."""
     from services.common.stub import not_implemented
 

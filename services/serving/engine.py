@@ -8,6 +8,7 @@ The holder and the servicer only see `Engine`: tokenize, stream one completion, 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -108,6 +109,10 @@ class Engine(Protocol):
 
     async def probe(self, max_tokens: int) -> Probe: ...
 
+    async def clear_cache(self) -> None:
+        """Forgets every cached key and value (after weights that produced NaN have run)."""
+        ...
+
     def num_unfinished(self) -> int: ...
 
     async def abort_all(self) -> None: ...
@@ -116,6 +121,13 @@ class Engine(Protocol):
 
 
 EngineFactory = Callable[[Path], Awaitable[Engine]]
+
+
+def model_context(model_dir: Path) -> int | None:
+    """The longest sequence a model folder's config allows (vLLM refuses a longer max_model_len)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    value = config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int | float) and value > 0 else None
 
 
 class VllmEngine:
@@ -132,7 +144,12 @@ class VllmEngine:
     @classmethod
     async def start(cls, model_dir: Path, settings: VllmSettings) -> VllmEngine:
         """Starts an engine for a safetensors model folder (in a thread: the event loop keeps streaming)."""
-        args = engine_args(model_dir, settings, worker_extension_cls=WORKER_EXTENSION)
+        args = engine_args(
+            model_dir,
+            settings,
+            max_model_len=min(settings.max_model_len, model_context(model_dir) or settings.max_model_len),
+            worker_extension_cls=WORKER_EXTENSION,
+        )
         from vllm.v1.engine.async_llm import AsyncLLM
 
         started = time.perf_counter()
@@ -247,6 +264,14 @@ class VllmEngine:
         ids = list(result.token_ids)
         logprobs = [float(step[tok].logprob) for step, tok in zip(result.logprobs or [], ids, strict=False)]
         return Probe(ids, logprobs, time.perf_counter() - started)
+
+    async def clear_cache(self) -> None:
+        await self._llm.pause_generation(mode="wait", clear_cache=True)
+        try:
+            await self._llm.reset_prefix_cache()
+            await self._llm.collective_rpc("distillery_clear_kv_cache")
+        finally:
+            await self._llm.resume_generation()
 
     def num_unfinished(self) -> int:
         return int(self._llm.get_num_unfinished_requests())

@@ -111,7 +111,9 @@ class ServingApp:
             model = await asyncio.to_thread(load_checkpoint, event.registry_uri, event.version, event.manifest_sha256)
         except SwapRefused as exc:
             metrics.SWAPS.labels("failed").inc()
-            logger.error("refused a promoted checkpoint", extra={"version": event.version, "error": exc.why})
+            logger.error(
+                "refused promoted checkpoint version %d: %s", event.version, exc.why, extra={"version": event.version}
+            )
             return
         with contextlib.suppress(SwapRefused, FailedPrecondition):
             await self.swapper.swap_to(model)  # counts and logs its own failures

@@ -83,6 +83,7 @@ class Swapper:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._standby_task: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def served_version(self) -> int | None:
@@ -105,7 +106,9 @@ class Swapper:
             except Exception as exc:
                 metrics.SWAPS.labels("failed").inc()
                 logger.error(
-                    "swap failed; the previous version keeps serving",
+                    "swap to version %d failed, the previous version keeps serving: %s",
+                    model.version,
+                    exc,
                     extra={"version": model.version, "uri": model.registry_uri or str(model.path), "error": str(exc)},
                 )
                 if isinstance(exc, SwapRefused):
@@ -140,6 +143,13 @@ class Swapper:
         try:
             await self._check(engine, model)
         except SwapRefused:
+            # Its KV cache may hold NaNs now (they poison later requests): clear it before it waits as the standby.
+            try:
+                await engine.clear_cache()
+            except Exception:
+                self._spawn(engine.shutdown())
+                self._ensure_standby()
+                raise
             self._park(engine, model)
             raise
         self._install(Slot(engine, model), reuse_old=True)
@@ -179,6 +189,7 @@ class Swapper:
     async def _restore(self, engine: Engine, model: ModelInfo) -> None:
         """Puts the served weights back after a failed in-place swap; the service cannot serve if that fails."""
         try:
+            await engine.clear_cache()
             await engine.reload(model.path)
             await self._check(engine, model)
         except Exception as exc:
@@ -260,6 +271,16 @@ class Swapper:
         except Exception:
             logger.exception("could not start a standby engine; swaps will start engines instead")
             return
+        if self._closing:
+            await engine.shutdown()
+            return
+        try:
+            # The first generation of a fresh engine is slow (kernel set-up): pay it now, not during a swap.
+            await engine.probe(self.settings.warmup_tokens)
+        except Exception:
+            logger.exception("standby engine failed its first generation; stopping it")
+            await engine.shutdown()
+            return
         current = self.holder.current
         if self.holder.standby is None and current is not None and current.model.swappable_with(model):
             self.holder.standby = Slot(engine, model)
@@ -284,8 +305,10 @@ class Swapper:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def close(self) -> None:
-        for task in [*self._tasks, *([self._standby_task] if self._standby_task else [])]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stops background work; an engine start in progress is waited for (its thread cannot be cancelled)."""
+        self._closing = True
         if self._standby_task is not None:
             await asyncio.gather(self._standby_task, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -25,6 +25,23 @@ class WeightReloadExtension:
         model = worker.model_runner.get_model()
         return {"reprocessed": _reprocess_tied_heads(model)}
 
+    def distillery_clear_kv_cache(self) -> int:
+        """Zeroes every KV-cache block; returns the bytes cleared.
+
+        Attention kernels read whole blocks and mask the unused slots, and 0 × NaN is NaN: once weights that produce
+        NaN have run, stale blocks poison later requests even after good weights are back (measured).
+        """
+        import torch
+
+        worker: Any = self
+        cleared = 0
+        with torch.no_grad():
+            for cache in worker.model_runner.kv_caches:
+                if isinstance(cache, torch.Tensor):
+                    cache.zero_()
+                    cleared += cache.numel() * cache.element_size()
+        return cleared
+
 
 def _reprocess_tied_heads(model: Any) -> list[str]:
     """Re-runs weight processing for LM heads that share their weight with the input embedding."""

@@ -51,6 +51,9 @@ class FakeEngine:
         nan = "nan" in self.model_dir.name
         return Probe([1] * max_tokens, [float("nan") if nan else -0.5] * max_tokens, 0.0)
 
+    async def clear_cache(self) -> None:
+        self.log.append(f"clear {self.model_dir.name}")
+
     def num_unfinished(self) -> int:
         return 0
 
