@@ -129,13 +129,14 @@ def passes_gate(metrics: dict[str, float], gate: pb.trainer.GateSpec, promoted: 
     accuracy = metrics.get("accuracy")
     if accuracy is None:
         return False, "no accuracy measured (no held-out prompts with references yet)"
-    if accuracy < gate.min_accuracy:
+    if accuracy < gate.min_accuracy - 1e-6:
         return False, f"accuracy {accuracy:.3f} < min_accuracy {gate.min_accuracy:.3f}"
     if gate.min_accuracy_ratio > 0:
         teacher = metrics.get("teacher_accuracy")
         if teacher is None:
             return False, "teacher accuracy unknown"
-        if accuracy < gate.min_accuracy_ratio * teacher:
+        # The ratio is a proto float32 (0.8 → 0.800000011…): compare with a tolerance far below one eval prompt.
+        if accuracy < gate.min_accuracy_ratio * teacher - 1e-6:
             return False, f"accuracy {accuracy:.3f} < {gate.min_accuracy_ratio} × teacher {teacher:.3f}"
     if gate.must_beat_promoted and promoted is not None:
         best = promoted.manifest.metrics.get("accuracy")

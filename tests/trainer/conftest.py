@@ -10,12 +10,13 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 4-layer Llama (hidden 64, 4 query / 2 key-value heads, MLP 128) with the tiny BPE tokenizer."""
+    """A random 4-layer Llama (hidden 128, 4 query / 2 key-value heads of size 32 — vLLM's CPU attention needs a
+    multiple of 32 — MLP 128) with the tiny BPE tokenizer."""
     from services.common.tiny import build_llama
 
     return build_llama(
         tmp_path_factory.mktemp("tiny-teacher"),
-        hidden_size=64,
+        hidden_size=128,
         num_layers=4,
         num_heads=4,
         num_kv_heads=2,

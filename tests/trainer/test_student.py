@@ -38,7 +38,7 @@ def test_pruned_student_has_the_shape_tokenizer_and_parameter_count(tiny_teacher
     count = st.make_student(tiny_teacher, recipe, tmp_path / "s")
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (2, 32, 64)
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 1, 16)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 1, 32)
     assert count == parameter_count(tmp_path / "s")
     assert count < parameter_count(tiny_teacher) / 2
     # Same tokenizer and chat template as the teacher.
@@ -56,7 +56,7 @@ def test_pruning_drops_the_heads_and_neurons_that_do_nothing(tiny_teacher: Path,
     teacher = load_causal_lm(tiny_teacher, dtype=torch.float32)
     with torch.no_grad():
         for layer in teacher.model.layers:
-            layer.self_attn.v_proj.weight[16:32] = 0  # kv group 1 (query heads 2, 3) outputs zeros
+            layer.self_attn.v_proj.weight[32:64] = 0  # kv group 1 (query heads 2, 3) outputs zeros
             layer.mlp.up_proj.weight[::2] = 0  # even neurons output zeros
     silenced = tmp_path / "silenced"
     teacher.save_pretrained(silenced)
@@ -92,7 +92,7 @@ def test_explicit_shape_is_random_init_with_teacher_vocab(tiny_teacher: Path, tm
 @pytest.mark.parametrize(
     ("kw", "field"),
     [
-        ({"hidden_size": 128}, "student.pruned.hidden_size"),
+        ({"hidden_size": 256}, "student.pruned.hidden_size"),
         ({"num_attention_heads": 4, "num_key_value_heads": 1}, "student.pruned.num_attention_heads"),
         ({"hidden_size": 30, "num_attention_heads": 4}, "student.pruned.hidden_size"),
     ],
