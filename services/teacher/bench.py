@@ -5,8 +5,10 @@
 2. raw vLLM: `vllm.LLM.generate` on the same prompt tokens with the same sampling and top-k logprobs.
 3. transformers: `generate` in batches (left padding), same sampling, with the top-k logprobs computed
    from the scores, as a teacher needs them.
-Tokens per second count generated tokens. The engine starts are outside the clocks; each engine gets a short
-warm-up first. By default every completion runs to max_tokens (ignore EOS) so the three do the same work.
+Tokens per second count generated tokens (the end-of-sequence token included). The engine starts are outside the
+clocks; each engine gets a short warm-up first. Completions stop at end-of-sequence like real teacher answers
+(a static transformers batch then idles on rows that finished, which continuous batching avoids); `--ignore-eos`
+runs every completion to max_tokens instead, so all three do exactly the same work.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ from services.common.vllm_engine import VllmSettings
 @dataclass
 class BenchConfig:
     prompts: int = 64
-    max_tokens: int = 64
+    max_tokens: int = 128
     top_k: int = 20
     hf_batch_size: int = 32
     max_num_seqs: int = 128
     enforce_eager: bool = False
     model: str | None = None
     skip_hf: bool = False
-    ignore_eos: bool = True
+    ignore_eos: bool = False
     temperature: float = 1.0
     kv_cache_gib: float = 1.0
     seed: int = 0
@@ -214,11 +216,21 @@ def _bench_hf(config: BenchConfig, model_dir: Path, prompt_ids: list[list[int]],
             for logits in out.logits:  # one [B, V] tensor per step
                 torch.log_softmax(logits.float(), dim=-1).topk(config.top_k, dim=-1)
         generated = out.sequences[:, width:]  # [B, new]
-        tokens += int((generated != pad).sum()) if not config.ignore_eos else generated.numel()
+        tokens += _count_generated(generated, tokenizer.eos_token_id, config.ignore_eos)
         progress.advance(task, len(batch))
     elapsed = time.perf_counter() - started
     progress.update(task, description="transformers: done")
     return {"tokens": tokens, "seconds": elapsed}
+
+
+def _count_generated(generated: Any, eos: int | None, ignore_eos: bool) -> int:
+    """Tokens up to and including each row's first end-of-sequence token (the rest is padding)."""
+    if ignore_eos or eos is None:
+        return int(generated.numel())
+    total = 0
+    for row in generated.tolist():
+        total += row.index(eos) + 1 if eos in row else len(row)
+    return total
 
 
 def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:

@@ -103,7 +103,10 @@ def publish(
 def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Only the JSON result on stdout.")] = False,
     prompts: Annotated[int, typer.Option(help="Prompts (math word problems) per measurement.")] = 64,
-    max_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens generated per prompt.")] = 128,
+    ignore_eos: Annotated[
+        bool, typer.Option(help="Run every completion to max_tokens (identical work in all three runs).")
+    ] = False,
     top_k: Annotated[int, typer.Option(help="Top-k logprobs per token.")] = 20,
     hf_batch_size: Annotated[int, typer.Option(help="Batch size of the transformers baseline.")] = 32,
     max_num_seqs: Annotated[int, typer.Option(help="vLLM continuous batch size (service and raw).")] = 128,
@@ -123,6 +126,7 @@ def bench(
         enforce_eager=enforce_eager,
         model=model,
         skip_hf=skip_hf,
+        ignore_eos=ignore_eos,
     )
     result: dict[str, Any] = run_bench(config, console)
     if not json_output:

@@ -296,9 +296,11 @@ class VllmTeacherEngine:
         with contextlib.suppress(asyncio.CancelledError):
             await self._watchdog
         llm, self._llm = self._llm, _Stopped()
-        # Stops the engine core process (blocking, a few seconds). Dropping the last reference here, not at
-        # interpreter exit, keeps AsyncLLM.__del__ from running against half-torn-down modules.
+        # Stops the engine core process (blocking, a few seconds).
         await asyncio.to_thread(llm.shutdown)
+        # AsyncLLM.__del__ calls shutdown again whenever the object is collected, at interpreter exit against
+        # half-torn-down modules (a TypeError on stderr); it has already run.
+        llm.shutdown = lambda *args, **kwargs: None
         del llm
 
 

@@ -81,6 +81,7 @@ class PromptWorker:
         self.started = asyncio.Event()
         self.assigned = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+        self._last_poll = time.monotonic()
 
     async def _in_consumer_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -107,23 +108,30 @@ class PromptWorker:
         logger.info("prompt worker started", extra={"topic": self.kafka.topic_prompts, "batch_size": self.batch_size})
         self.started.set()
         last_commit = time.monotonic()
+        # A member that does not poll within max_poll_interval leaves the group, even while it is busy.
+        keepalive_s = self.kafka.max_poll_interval_ms / 1000 / 3
+        failed = asyncio.ensure_future(self._failed.wait())
         try:
             while not self._stopping.is_set() and self._failure is None:
                 free = self.batch_size - len(self._tasks)
                 if free > 0:
                     records = await self._in_consumer_thread(self._poll, free)
-                    for record in records:
-                        self._start(record)
+                elif time.monotonic() - self._last_poll > keepalive_s:
+                    records = await self._in_consumer_thread(self._keepalive)
                 else:
+                    records = []
                     await asyncio.wait(
-                        [*self._tasks, asyncio.ensure_future(self._failed.wait())],
+                        [*self._tasks, failed],
                         timeout=self.settings.worker.poll_timeout_s,
                         return_when=asyncio.FIRST_COMPLETED,
                     )
+                for record in records:
+                    self._start(record)
                 if time.monotonic() - last_commit >= self.settings.worker.commit_interval_s:
                     await self._commit()
                     last_commit = time.monotonic()
         finally:
+            failed.cancel()
             await self._drain()
         if self._failure is not None:
             raise WorkerFailed(str(self._failure)) from self._failure
@@ -132,7 +140,23 @@ class PromptWorker:
         assert self._consumer is not None
         # Returns as soon as records are there; the timeout only bounds how long an idle worker waits.
         records = self._consumer.poll(self.settings.worker.poll_timeout_s, max_records)
+        self._last_poll = time.monotonic()
         self.lag = self._consumer.lag()
+        return records
+
+    def _keepalive(self) -> list[Record]:
+        """Polls with every partition paused: keeps group membership while the batch is full."""
+        assert self._consumer is not None
+        kafka = self._consumer.kafka
+        partitions = list(kafka.assignment())
+        kafka.pause(*partitions)
+        try:
+            # Paused partitions return nothing new; records fetched before the pause still come back and are
+            # handled like any other (a few over batch_size, never dropped).
+            records = self._consumer.poll(0, None)
+        finally:
+            kafka.resume(*partitions)
+        self._last_poll = time.monotonic()
         return records
 
     def _start(self, record: Record) -> None:
