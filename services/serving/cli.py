@@ -64,15 +64,39 @@ def loadtest(
         raise typer.Exit(1)
 
 
-def bench(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """`distillery bench serving`."""
-    from services.common.stub import not_implemented
+def bench(
+    json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON result.")] = False,
+    probe_s: Annotated[float, typer.Option(min=1, help="Seconds of load per probed concurrency.")] = 15.0,
+    budget_s: Annotated[float, typer.Option(min=10, help="Time for both capacity searches.")] = 1500.0,
+    temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature of every stream.")] = 0.0,
+    max_tokens: Annotated[int, typer.Option(min=8, help="Tokens per stream.")] = 128,
+) -> None:
+    """`distillery bench serving`: streams at the 238 wpm reading target, student vs teacher, through the service."""
+    from services.serving.bench import default_config, run_serving_bench
 
-    not_implemented("bench serving", 5)
+    _bench_logging(json_output)
+    config = default_config(probe_s=probe_s, budget_s=budget_s, temperature=temperature, max_tokens=max_tokens)
+    typer.echo(json.dumps(asyncio.run(run_serving_bench(config)), indent=None if json_output else 2))
 
 
-def bench_swap(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """`distillery bench swap`."""
-    from services.common.stub import not_implemented
+def bench_swap(
+    json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON result.")] = False,
+    swaps: Annotated[int, typer.Option(min=1, help="Promotions to serve under load.")] = 6,
+    interval_s: Annotated[float, typer.Option(min=1, help="Seconds between promotions.")] = 8.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="Streams kept open during the run.")] = 32,
+    strategy: Annotated[str, typer.Option(help="Swap strategy: standby, engine or in_place.")] = "standby",
+) -> None:
+    """`distillery bench swap`: promotions served under load; failures, ITL during swaps, promotion to serving."""
+    from services.serving.swapbench import default_swap_config, run_swap_bench
 
-    not_implemented("bench swap", 5)
+    if strategy not in ("standby", "engine", "in_place"):
+        raise typer.BadParameter(f"strategy={strategy!r}: must be standby, engine or in_place")
+    _bench_logging(json_output)
+    config = default_swap_config(swaps=swaps, interval_s=interval_s, concurrency=concurrency, strategy=strategy)
+    typer.echo(json.dumps(asyncio.run(run_swap_bench(config)), indent=None if json_output else 2))
+
+
+def _bench_logging(quiet: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s")

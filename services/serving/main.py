@@ -53,6 +53,10 @@ class ServingApp:
         self.watcher: CheckpointWatcher | None = None
         self.fatal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[None]] = []
+        holder = self.holder
+        metrics.ENGINES.labels("serving").set_function(lambda: 0 if holder.current is None else 1)
+        metrics.ENGINES.labels("standby").set_function(lambda: 0 if holder.standby is None else 1)
+        metrics.ENGINES.labels("retiring").set_function(lambda: len(holder.retiring))
 
     @property
     def address(self) -> str:

@@ -49,6 +49,11 @@ SWAP_DURATION = Histogram(
     "From a swap's start to new streams going to the new version.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
 )
+ENGINES = Gauge(
+    "distillery_serving_engines",
+    "Engines by role: serving (takes new streams), standby (idle spare for fast swaps), retiring (finishing streams).",
+    ["role"],
+)
 for _result in ("ok", "error", "cancelled"):
     STREAMS.labels(_result)
 for _result in ("ok", "failed", "ignored"):

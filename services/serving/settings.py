@@ -47,6 +47,8 @@ class ServingSettings(ServiceSettings):
 
     grpc_port: int = Field(50053, ge=0, le=65535)
     metrics_port: int = Field(9103, ge=0, le=65535)
+    max_concurrent_rpcs: int = Field(1024, ge=1, le=100_000)
+    """gRPC's own cap on open calls; keep it above `limits.max_concurrent_streams` so the stream limit answers."""
     initial_model: str | None = None
     """Served (as version 0) while the registry holds no promoted checkpoint: a model folder or a prepared model
     name such as `smollm2-135m-instruct`. Unset: NOT_SERVING until the first promotion arrives."""

@@ -1,0 +1,205 @@
+"""`distillery bench serving`: how many readers the student serves versus the teacher, through the serving service.
+
+For each model (the default student, then the default teacher) it starts `distillery serving serve` as a child
+process, then searches for the largest number of concurrent Generate streams whose median words per minute stays at
+or above the 238 wpm reading target: doubling until a probe fails, then bisecting, within a time budget. Each probe
+is a load-generator run (`loadtest.py`) of `probe_s` seconds. Tokens/s of both models are compared at one equal
+concurrency (the teacher's capacity). Both models see the same prompts (word problems of the seed task), the same
+sampling and the same engine settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from services.common.settings import READING_TARGET_WPM, distillery_home
+from services.serving.loadtest import LoadtestConfig, run_loadtest
+from services.serving.process import serving_process
+
+logger = logging.getLogger(__name__)
+
+STUDENT_CACHE = "bench-default-student"
+
+
+@dataclass
+class ServingBenchConfig:
+    home: Path
+    probe_s: float = 15.0
+    """Seconds of load per probed concurrency."""
+    max_tokens: int = 128
+    temperature: float = 0.0
+    """Greedy by default: the use case (word problems) is answered greedily. At T=1 the 49k-vocabulary sampler
+    costs the small student a large share of its step (measured ≈40%)."""
+    start_concurrency: int = 4
+    max_concurrency: int = 4096
+    budget_s: float = 1500.0
+    """Time for both searches together (engine starts excluded)."""
+    max_num_seqs: int = 1024
+    kv_cache_gib: float = 2.0
+    max_model_len: int = 1024
+    student_dir: Path | None = None
+    teacher_dir: Path | None = None
+
+
+def default_student(models_dir: Path, teacher_dir: Path) -> Path:
+    """The trainer's default student (pruned from the teacher), built once and cached under `models_dir`."""
+    target = models_dir / STUDENT_CACHE
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from services.trainer.recipes import DEFAULT_STUDENT_RECIPE
+    from services.trainer.student import make_student
+
+    staging = models_dir / f".{STUDENT_CACHE}.{uuid.uuid4().hex}"
+    make_student(teacher_dir, DEFAULT_STUDENT_RECIPE, staging, dtype="bfloat16")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def service_env(config: ServingBenchConfig, model_dir: Path) -> dict[str, str]:
+    """One service for one model: no checkpoint watching, no standby, limits out of the way."""
+    return {
+        "DISTILLERY_HOME": str(config.home),
+        "DISTILLERY_SERVING_INITIAL_MODEL": str(model_dir),
+        "DISTILLERY_SERVING_WATCH_CHECKPOINTS": "false",
+        "DISTILLERY_SERVING_SWAP__STRATEGY": "engine",
+        "DISTILLERY_SERVING_VLLM__MAX_NUM_SEQS": str(config.max_num_seqs),
+        "DISTILLERY_SERVING_VLLM__KV_CACHE_GIB": str(config.kv_cache_gib),
+        "DISTILLERY_SERVING_VLLM__MAX_MODEL_LEN": str(config.max_model_len),
+        "DISTILLERY_SERVING_LIMITS__MAX_CONCURRENT_STREAMS": str(config.max_concurrency * 2),
+        "DISTILLERY_SERVING_MAX_CONCURRENT_RPCS": str(config.max_concurrency * 2 + 64),
+        "DISTILLERY_SERVING_LOG_LEVEL": "WARNING",
+    }
+
+
+def passes(summary: dict[str, Any]) -> bool:
+    wpm = summary["wpm_p50"]
+    return summary["failed"] == 0 and wpm is not None and wpm >= READING_TARGET_WPM
+
+
+async def capacity_search(
+    probe: Callable[[int], Any], start: int, cap: int, deadline: float
+) -> tuple[int, list[dict[str, Any]]]:
+    """Largest concurrency whose probe passes: double from `start` until one fails, then bisect (to within ~6%)."""
+    best, worst = 0, None  # largest passing, smallest failing
+    probes: list[dict[str, Any]] = []
+    concurrency = start
+    while time.monotonic() < deadline:
+        summary = await probe(concurrency)
+        probes.append(summary)
+        if passes(summary):
+            best = concurrency
+        else:
+            worst = concurrency
+        if worst is None:
+            if concurrency >= cap:
+                break
+            concurrency = min(cap, concurrency * 2)
+            continue
+        if worst - best <= max(1, best // 16):
+            break
+        concurrency = (best + worst) // 2
+    return best, probes
+
+
+def _probe_row(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = ("concurrency", "wpm_p50", "wpm_p10", "tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99",
+            "failed", "streams")  # fmt: skip
+    return {k: summary[k] for k in keys}
+
+
+async def bench_model(
+    config: ServingBenchConfig, name: str, model_dir: Path, deadline: float, equal_at: int | None
+) -> dict[str, Any]:
+    """Capacity search for one model; with `equal_at`, also one probe at that concurrency."""
+    log = config.home / "bench" / f"serving-{name}.log"
+    started = time.monotonic()
+    async with serving_process(service_env(config, model_dir), log) as address:
+        start_s = time.monotonic() - started
+
+        async def probe(concurrency: int) -> dict[str, Any]:
+            result = await run_loadtest(
+                LoadtestConfig(
+                    address=address,
+                    concurrency=concurrency,
+                    duration_s=config.probe_s,
+                    max_tokens=config.max_tokens,
+                    temperature=config.temperature,
+                )
+            )
+            summary = result.summary()
+            words = sum(s.words for s in result.streams)
+            tokens = sum(s.tokens for s in result.streams)
+            summary["words_per_token"] = round(words / tokens, 3) if tokens else None
+            logger.info("%s at %d streams: p50 %s wpm, %s tokens/s", name, concurrency, summary["wpm_p50"],
+                        summary["tokens_per_s"])  # fmt: skip
+            return summary
+
+        # The search gets its share of the remaining time; the equal-concurrency probe comes after it.
+        best, probes = await capacity_search(probe, config.start_concurrency, config.max_concurrency, deadline)
+        at = equal_at if equal_at is not None else best
+        same = next((p for p in probes if p["concurrency"] == at), None) if at else None
+        if at and same is None:
+            same = await probe(at)
+    ratios = [p["words_per_token"] for p in probes if p.get("words_per_token")]
+    return {
+        "model": str(model_dir),
+        "streams_at_target": best,
+        "tokens_per_s_at_equal_concurrency": same["tokens_per_s"] if same else None,
+        "words_per_token": round(sum(ratios) / len(ratios), 3) if ratios else None,
+        "engine_start_s": round(start_s, 1),
+        "probes": [_probe_row(p) for p in probes],
+    }
+
+
+async def run_serving_bench(config: ServingBenchConfig) -> dict[str, Any]:
+    from services.common.models import parameter_count, prepare_default_teacher
+
+    started = time.monotonic()
+    models_dir = config.home / "models"
+    teacher_dir = config.teacher_dir
+    if teacher_dir is None:
+        teacher_dir = await asyncio.to_thread(prepare_default_teacher, models_dir)
+    student_dir = config.student_dir
+    if student_dir is None:
+        student_dir = await asyncio.to_thread(default_student, models_dir, teacher_dir)
+    # Teacher first: its capacity is the concurrency both models are compared at for tokens/s.
+    teacher = await bench_model(config, "teacher", teacher_dir, time.monotonic() + config.budget_s / 2, None)
+    equal = max(1, teacher["streams_at_target"])
+    student = await bench_model(config, "student", student_dir, time.monotonic() + config.budget_s / 2, equal)
+    s_tps, t_tps = student["tokens_per_s_at_equal_concurrency"], teacher["tokens_per_s_at_equal_concurrency"]
+    return {
+        "student_streams_at_target": student["streams_at_target"],
+        "teacher_streams_at_target": teacher["streams_at_target"],
+        "capacity_ratio": (
+            round(student["streams_at_target"] / teacher["streams_at_target"], 2)
+            if teacher["streams_at_target"]
+            else None
+        ),
+        "student_tokens_per_s": s_tps,
+        "teacher_tokens_per_s": t_tps,
+        "speed_ratio": round(s_tps / t_tps, 2) if s_tps and t_tps else None,
+        "equal_concurrency": equal,
+        "reading_target_wpm": READING_TARGET_WPM,
+        "student_parameters": parameter_count(student_dir),
+        "teacher_parameters": parameter_count(teacher_dir),
+        "student": student,
+        "teacher": teacher,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "cpus": len(os.sched_getaffinity(0)),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def default_config(**overrides: Any) -> ServingBenchConfig:
+    return ServingBenchConfig(home=overrides.pop("home", None) or distillery_home(), **overrides)
