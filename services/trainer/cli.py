@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import Annotated, Any
 
@@ -157,10 +158,18 @@ def bench(
     """`distillery bench trainer`: teacher vs trainer tokens/s in one run, and this trainer vs TRL's GKDTrainer."""
     from services.trainer.bench import BenchConfig, run_bench
 
-    result = run_bench(
-        BenchConfig(prompts=prompts, max_tokens=max_tokens, steps=steps, batch_size=batch_size, trl=trl),
-        log=lambda line: console.print(line),
-    )
+    config = BenchConfig(prompts=prompts, max_tokens=max_tokens, steps=steps, batch_size=batch_size, trl=trl)
+    # vLLM (and its engine process) log to stdout: point fd 1 at stderr while the bench runs, so stdout carries
+    # only the JSON result.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        result = run_bench(config, log=lambda line: console.print(line))
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
     if json_output:
         print(json.dumps(result))
     else:

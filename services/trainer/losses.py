@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 #: Floor of a bucket's probability: keeps reverse KL finite when the teacher's top-k hold (almost) all its mass.
@@ -43,14 +43,58 @@ def teacher_buckets(top_logprobs: Tensor) -> Tensor:
     return torch.cat([top, tail.unsqueeze(-1)], dim=-1)
 
 
+class _LogProbsAt(torch.autograd.Function):
+    """log softmax(z / T) at given ids, without materialising the (N, V) float32 log-softmax.
+
+    Forward: a float32 log-sum-exp per row, computed in row chunks that stay in cache, then a gather.
+    Backward: ∂ log q_{n,k} / ∂ z_{n,v} = (1[v = id_{n,k}] − q_{n,v}) / T, so the gradient of the logits is
+    (scatter(g) − Σ_k g_{n,k} · q_n) / T, again chunk by chunk, written straight in the logits' dtype. Compared
+    with log_softmax + gather under autograd this avoids ~8 full (N, V) float32 passes, the largest cost of a
+    step after the LM head matmul for a 49k vocabulary (profiled: ≈1.8 s of 7.7 s per step).
+    """
+
+    CHUNK = 16  # rows: 16 × 49152 float32 = 3 MB
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, ids: Tensor, inv_t: float) -> Tensor:  # (N, V), (N, K) → (N, K)
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for s in range(0, n, _LogProbsAt.CHUNK):
+            lse[s : s + _LogProbsAt.CHUNK] = torch.logsumexp(logits[s : s + _LogProbsAt.CHUNK].float() * inv_t, -1)
+        out = logits.gather(-1, ids).float() * inv_t - lse[:, None]
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.inv_t = inv_t
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # (N, K) → (N, V)
+        logits, ids, lse = ctx.saved_tensors
+        inv_t = ctx.inv_t
+        out = torch.empty_like(logits)
+        gsum = grad.sum(-1)
+        for s in range(0, logits.shape[0], _LogProbsAt.CHUNK):
+            e = s + _LogProbsAt.CHUNK
+            q = torch.exp(logits[s:e].float() * inv_t - lse[s:e, None])  # (c, V)
+            q.mul_(-gsum[s:e, None]).scatter_add_(-1, ids[s:e], grad[s:e].float())
+            out[s:e] = q.mul_(inv_t)
+        return out, None, None
+
+
+def log_probs_at(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / T) gathered at `ids`: (N, V), (N, K) → (N, K), float32; memory-lean backward."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(ids.shape, dtype=torch.float32) + logits.sum() * 0
+    out: Tensor = _LogProbsAt.apply(logits, ids, 1.0 / temperature)
+    return out
+
+
 def student_buckets(logits: Tensor, top_ids: Tensor, valid: Tensor, temperature: float = 1.0) -> Tensor:
     """Student logits (N, V) at the teacher's ids (N, K) → (N, K + 1) bucket log-probs, tail last.
 
     `valid` (N, K) is False for padded top-k entries; they get EMPTY so they carry no mass on either side.
     The log-softmax is taken in float32 even under bf16 autocast (a 49k-way softmax loses too much in bf16).
     """
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (N, V)
-    top = logp.gather(-1, top_ids).masked_fill(~valid, EMPTY)  # (N, K)
+    top = log_probs_at(logits, top_ids, temperature).masked_fill(~valid, EMPTY)  # (N, K)
     mass = top.exp().sum(-1)
     # 1 − Σ can round below zero when the top-k hold nearly all mass; the floor keeps log finite.
     tail = torch.log((1.0 - mass).clamp_min(MIN_PROB))
@@ -105,9 +149,7 @@ def skew_kl(t_log: Tensor, s_log: Tensor, alpha: float) -> Tensor:
 
 def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """−log q(target) per position, logits (N, V), targets (N,) → (N,); float32 log-softmax."""
-    if logits.shape[0] == 0:
-        return logits.new_zeros(0, dtype=torch.float32)
-    return F.cross_entropy(logits.float(), targets, reduction="none")
+    return -log_probs_at(logits, targets[:, None])[:, 0]
 
 
 def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:

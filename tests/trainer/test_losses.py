@@ -122,3 +122,17 @@ def test_all_masked_batch_is_zero_with_zero_gradients() -> None:
     total.backward()
     assert x.t_logits.grad is not None and x.t_logits.grad.numel() == 0
     assert L.weighted_mean(torch.zeros(0), torch.zeros(0)).item() == 0.0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_log_probs_at_matches_log_softmax_and_its_gradient(temperature: float) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(37, 50, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 50, (37, 6))
+    ours = L.log_probs_at(logits, ids, temperature)
+    ref = torch.log_softmax(logits / temperature, -1).gather(-1, ids)
+    torch.testing.assert_close(ours, ref.float())
+    g = torch.randn(37, 6)
+    (grad_ours,) = torch.autograd.grad(ours, logits, g)
+    (grad_ref,) = torch.autograd.grad(ref, logits, g.double())
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-5, atol=1e-6)

@@ -195,7 +195,10 @@ Global___PrunedStudent: _TypeAlias = PrunedStudent  # noqa: Y015
 
 @_typing.final
 class LossSpec(_message.Message):
-    """Weights of each loss term; the loss is their weighted sum. All zero means forward_kl = 1."""
+    """Weights of each loss term; the loss is their weighted sum. All zero (or unset) means the trainer's default mix
+    (services/trainer/recipes.py: forward_kl = 1, reference_ce = 1). The KL-family terms compare the teacher's top-k
+    log-probs plus a tail bucket (1 − Σ top-k) with the student's probabilities of the same ids and tail.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

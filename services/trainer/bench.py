@@ -1,0 +1,280 @@
+"""`distillery bench trainer`: does the trainer keep up with the teacher, and how does it compare with TRL's GKD?
+
+One run, one machine, each phase with the machine to itself:
+1. teacher: offline `vllm.LLM` on the default teacher answers seed-task prompts (chat template, temperature 1,
+   top-20 log-probs, natural EOS); `teacher_tokens_per_s` = generated tokens / generation wall time.
+2. trainer: the default student recipe trains on those samples with this trainer's step (answer-only LM head,
+   bf16 autocast, top-20 + tail forward KL, AdamW, clipping); `trainer_tokens_per_s` = completion tokens trained /
+   wall time of whole optimizer steps (after warm-up steps).
+3. TRL 1.16 `GKDTrainer` (off-policy `lmbda=0`, `beta=0` = forward KL, `use_cpu=True`, bf16, the teacher model in
+   memory and run every step) trains the same student on the same samples (chat messages with the teacher's
+   completion text), same batch size; `trl_gkd_tokens_per_s` counts its completion (label) tokens the same way.
+`keeps_up` = trainer ≥ teacher; `vs_trl_gkd` = trainer / TRL. Engine start and model loading are off the clocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.common.vllm_engine import VllmSettings
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BenchConfig:
+    prompts: int = 128
+    max_tokens: int = 64
+    top_k: int = 20
+    steps: int = 20
+    warmup_steps: int = 2
+    batch_size: int = 16
+    trl: bool = True
+    temperature: float = 1.0
+    enforce_eager: bool = False
+    kv_cache_gib: float = 1.0
+    seed: int = 0
+    threads: int = 0
+
+
+@dataclass
+class Sample:
+    messages: list[dict[str, str]]
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    completion_text: str
+    top_ids: np.ndarray  # (C, K)
+    top_logprobs: np.ndarray  # (C, K)
+
+
+def _prompts(tokenizer: Any, n: int, seed: int) -> list[tuple[list[dict[str, str]], list[int]]]:
+    from services.tasks import get_task
+
+    task = get_task("math_word_problems")
+    problems = []
+    for difficulty in (1, 2, 3, 4):
+        problems += task.generate((n + 3) // 4, seed=seed, split="train", difficulty=difficulty)
+    out = []
+    for problem in problems[:n]:
+        messages = task.messages(problem)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):
+            ids = ids["input_ids"]
+        out.append((messages, [int(t) for t in ids]))
+    return out
+
+
+def teacher_samples(config: BenchConfig, teacher_dir: Path, log: Log) -> tuple[list[Sample], dict[str, Any]]:
+    """Generates the samples with offline vLLM; returns them and the teacher's timing."""
+    from services.common.models import load_tokenizer
+    from services.common.vllm_engine import engine_kwargs
+
+    settings = VllmSettings(
+        kv_cache_gib=config.kv_cache_gib, max_num_seqs=128, enforce_eager=config.enforce_eager, seed=config.seed
+    )
+    kwargs = engine_kwargs(teacher_dir, settings)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = _prompts(load_tokenizer(teacher_dir), config.prompts, config.seed)
+    log(f"teacher: starting vLLM on {teacher_dir.name}")
+    llm = LLM(**kwargs)
+    try:
+        params = SamplingParams(temperature=config.temperature, max_tokens=config.max_tokens, logprobs=config.top_k)
+        llm.generate([TokensPrompt(prompt_token_ids=prompts[0][1])], params, use_tqdm=False)  # warm-up
+        log(f"teacher: generating {len(prompts)} completions, top-{config.top_k} logprobs")
+        started = time.perf_counter()
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - started
+    finally:
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+    samples = []
+    for (messages, ids), out in zip(prompts, outputs, strict=True):
+        comp = out.outputs[0]
+        k = config.top_k
+        top_ids = np.zeros((len(comp.token_ids), k), dtype=np.int64)
+        top_lp = np.full((len(comp.token_ids), k), -np.inf, dtype=np.float32)
+        for i, entry in enumerate(comp.logprobs or []):
+            # vLLM returns the top-k and the sampled token (rank may be > k): keep ranks 1..k.
+            pairs = (entry or {}).items()
+            ranked = sorted((lp.rank or 0, tid, lp.logprob) for tid, lp in pairs if (lp.rank or 0) <= k)[:k]
+            for j, (_, tid, lp) in enumerate(ranked):
+                top_ids[i, j], top_lp[i, j] = tid, lp
+        samples.append(Sample(messages, ids, list(comp.token_ids), comp.text, top_ids, top_lp))
+    tokens = sum(len(s.completion_ids) for s in samples)
+    return samples, {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def _batches(samples: list[Sample], batch_size: int, count: int) -> list[list[Sample]]:
+    """`count` batches cycling through the samples in order (both trainers see the same sequence)."""
+    flat = [samples[i % len(samples)] for i in range(batch_size * count)]
+    return [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
+
+
+def our_trainer(config: BenchConfig, student_dir: Path, samples: list[Sample], log: Log) -> dict[str, Any]:
+    import torch
+
+    from services.common.models import load_causal_lm
+    from services.trainer.batching import batch_loss, collate
+    from services.trainer.buffer import SAMPLE, Item
+    from services.trainer.losses import LossWeights
+
+    torch.manual_seed(config.seed)
+    model = load_causal_lm(student_dir, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
+    weights = LossWeights(forward_kl=1.0)
+    pad = int(model.config.pad_token_id or 0)
+    timed = targets = tokens = 0
+    elapsed = 0.0
+    losses = []
+    log(f"trainer: {config.warmup_steps} warm-up + {config.steps} timed steps of {config.batch_size}")
+    for i, group in enumerate(_batches(samples, config.batch_size, config.warmup_steps + config.steps)):
+        started = time.perf_counter()
+        items = [
+            Item(0, 0, SAMPLE, s.prompt_ids + s.completion_ids, len(s.prompt_ids), s.top_ids, s.top_logprobs)
+            for s in group
+        ]
+        batch = collate(items, pad)
+        loss, _ = batch_loss(model, batch, weights, autocast=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if i >= config.warmup_steps:
+            elapsed += time.perf_counter() - started
+            timed += 1
+            targets += batch.targets_count
+            tokens += batch.tokens
+    return {
+        "steps": timed,
+        "completion_tokens": targets,
+        "seconds": elapsed,
+        "tokens_per_s": targets / elapsed,
+        "all_tokens_per_s": tokens / elapsed,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+
+
+def trl_gkd(config: BenchConfig, student_dir: Path, teacher_dir: Path, samples: list[Sample], log: Log) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from services.common.models import load_causal_lm, load_tokenizer
+
+    rows = [{"messages": [*s.messages, {"role": "assistant", "content": s.completion_text}]} for s in samples]
+    count = config.batch_size * (config.warmup_steps + config.steps)
+    ordered = [rows[i % len(rows)] for i in range(count)]  # the order `_batches` gives our trainer
+    tokenizer = load_tokenizer(student_dir)
+    student = load_causal_lm(student_dir, dtype=torch.float32)
+    teacher = load_causal_lm(teacher_dir, dtype=torch.bfloat16)
+    stats: dict[str, Any] = {"targets": 0, "seconds": 0.0, "steps": 0, "step": 0}
+
+    class Counting(GKDTrainer):  # type: ignore[misc]
+        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            if stats["step"] >= config.warmup_steps:
+                # Labels are shifted inside the loss: count the positions it scores.
+                stats["targets"] += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    class Clock(TrainerCallback):  # type: ignore[misc]
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            stats["t0"] = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if stats["step"] >= config.warmup_steps:
+                stats["seconds"] += time.perf_counter() - stats["t0"]
+                stats["steps"] += 1
+            stats["step"] += 1
+
+    with tempfile.TemporaryDirectory(prefix="distillery-trl-") as out:
+        args = GKDConfig(
+            output_dir=out,
+            per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=1,
+            max_steps=config.warmup_steps + config.steps,
+            learning_rate=1e-3,
+            lmbda=0.0,
+            beta=0.0,
+            use_cpu=True,
+            bf16=True,
+            max_length=1024,
+            logging_steps=10_000,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=config.seed,
+            train_sampling_strategy="sequential",
+            dataloader_num_workers=0,
+        )
+        trainer = Counting(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=Dataset.from_list(ordered),
+            processing_class=tokenizer,
+            callbacks=[Clock()],
+        )
+        log(f"TRL GKDTrainer: {config.warmup_steps} warm-up + {config.steps} timed steps of {config.batch_size}")
+        trainer.train()
+    return {
+        "steps": stats["steps"],
+        "completion_tokens": stats["targets"],
+        "seconds": stats["seconds"],
+        "tokens_per_s": stats["targets"] / stats["seconds"],
+    }
+
+
+def run_bench(config: BenchConfig, log: Log = print) -> dict[str, Any]:
+    import torch
+
+    from services.common.models import parameter_count, prepare_default_teacher
+    from services.common.settings import distillery_home
+    from services.trainer.recipes import DEFAULT_STUDENT_RECIPE
+    from services.trainer.student import make_student
+
+    threads = config.threads or len(os.sched_getaffinity(0))
+    teacher_dir = prepare_default_teacher(distillery_home() / "models")
+    samples, teacher = teacher_samples(config, teacher_dir, log)
+    torch.set_num_threads(threads)  # vLLM may have lowered it
+    with tempfile.TemporaryDirectory(prefix="distillery-bench-student-") as tmp:
+        student_dir = Path(tmp) / "student"
+        log("student: pruning the default teacher (default recipe)")
+        student_parameters = make_student(teacher_dir, DEFAULT_STUDENT_RECIPE, student_dir)
+        ours = our_trainer(config, student_dir, samples, log)
+        trl = trl_gkd(config, student_dir, teacher_dir, samples, log) if config.trl else None
+    teacher_parameters = parameter_count(teacher_dir)
+    result: dict[str, Any] = {
+        "teacher_tokens_per_s": round(teacher["tokens_per_s"], 1),
+        "trainer_tokens_per_s": round(ours["tokens_per_s"], 1),
+        "keeps_up": ours["tokens_per_s"] >= teacher["tokens_per_s"],
+        "trl_gkd_tokens_per_s": round(trl["tokens_per_s"], 1) if trl else None,
+        "vs_trl_gkd": round(ours["tokens_per_s"] / trl["tokens_per_s"], 2) if trl else None,
+        "trainer_all_tokens_per_s": round(ours["all_tokens_per_s"], 1),
+        "teacher": {"parameters": teacher_parameters, **{k: round(v, 3) for k, v in teacher.items()}},
+        "student": {
+            "parameters": student_parameters,
+            "compression": round(teacher_parameters / student_parameters, 2),
+            "recipe": "pruned: 6 layers (block importance), hidden 256, 4/2 heads, MLP 768",
+        },
+        "trainer": {k: round(v, 4) if isinstance(v, float) else v for k, v in ours.items()},
+        "trl_gkd": {k: round(v, 4) if isinstance(v, float) else v for k, v in trl.items()} if trl else None,
+        "samples": len(samples),
+        "mean_completion_tokens": round(float(np.mean([len(s.completion_ids) for s in samples])), 1),
+        "config": {**asdict(config), "threads": threads},
+    }
+    return result
