@@ -132,7 +132,7 @@ def our_trainer(config: BenchConfig, student_dir: Path, samples: list[Sample], l
 
     torch.manual_seed(config.seed)
     model = load_causal_lm(student_dir, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
     weights = LossWeights(forward_kl=1.0)
     pad = int(model.config.pad_token_id or 0)
     timed = targets = tokens = 0

@@ -122,6 +122,10 @@ class Intake:
 
     def _take(self, record: Received[pb.common.TeacherSample]) -> None:
         p, o = record.partition, record.offset
+        replayed = self.replay is not None and self.replay.seen_before(p, o)
+        if replayed and (record.error is not None or record.value is None):
+            self.tracker.read(p, o, 0)  # dead-lettered before the checkpoint
+            return
         if record.error is not None or record.value is None:
             self.dead_letters.send(record, record.error or "empty record")
             self.stats.dead_letter += 1
@@ -129,7 +133,8 @@ class Intake:
             self.tracker.read(p, o, 0)
             return
         sample = record.value
-        if self.replay is not None and self.replay.seen_before(p, o):
+        if replayed:
+            assert self.replay is not None
             pending = self.replay.uses(p, o)
             items = [it for it in self._items(sample, p, o, replay=True) if it.kind in pending]
             for it in items:

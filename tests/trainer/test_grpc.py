@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +23,8 @@ from tests.trainer.samples import publish, publish_raw
 
 @pytest.fixture
 async def app(tiny_teacher: Path, tmp_path: Path, kafka_settings: KafkaSettings) -> AsyncIterator[TrainerApp]:
-    app = await TrainerApp.create(trainer_settings(tiny_teacher, tmp_path / "home", kafka_settings))
+    settings = trainer_settings(tiny_teacher, tmp_path / "home", kafka_settings, lineage_log=tmp_path / "lineage.jsonl")
+    app = await TrainerApp.create(settings)
     await app.start()
     yield app
     await app.close()
@@ -48,6 +50,24 @@ async def _wait_state(stub: Any, run_id: str, states: tuple[int, ...], timeout_s
             return run
         assert asyncio.get_running_loop().time() < deadline, f"run {run_id} stuck in {run.progress}"
         await asyncio.sleep(0.2)
+
+
+def _splits(kafka: KafkaSettings, n: int) -> dict[tuple[int, int], int]:
+    """(partition, offset) → split of every decodable record on the samples topic."""
+    consumer = ProtoConsumer(
+        kafka, kafka.topic_teacher_samples, pb.common.TeacherSample, group_id="check-splits", client_name="check"
+    )
+    out: dict[tuple[int, int], int] = {}
+    try:
+        for _ in range(100):
+            for r in consumer.poll(0.5):
+                if r.value is not None:
+                    out[(r.partition, r.offset)] = r.value.split
+            if len(out) >= n:
+                break
+    finally:
+        consumer.close()
+    return out
 
 
 async def test_status_codes(stub: Any, app: TrainerApp) -> None:
@@ -156,6 +176,14 @@ async def test_run_trains_evaluates_checkpoints_and_announces(
     assert values[("distillery_trainer_samples_total", (("result", "dead_letter"),))] >= 1
     assert values[("distillery_trainer_checkpoints_written_total", ())] >= 3
     assert ("distillery_trainer_eval_kl", ()) in values
+
+    # Held-out samples are never trained on; every train sample is.
+    split_of = await asyncio.to_thread(_splits, kafka_settings, len(tiny_samples))
+    assert len(split_of) == len(tiny_samples)
+    assert app.settings.lineage_log is not None
+    trained = {(p, o) for line in app.settings.lineage_log.read_text().splitlines()
+               for p, o, _, _ in json.loads(line)["items"]}  # fmt: skip
+    assert trained == {k for k, split in split_of.items() if split == pb.common.SPLIT_TRAIN}
 
     # Promote by version is announced too.
     promoted = (await stub.PromoteCheckpoint(pb.trainer.PromoteCheckpointRequest(version=listed[0].version))).checkpoint
