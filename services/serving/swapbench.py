@@ -102,6 +102,10 @@ def _event(ckpt: Checkpoint) -> pb.common.CheckpointEvent:
     )  # fmt: skip
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
 def _publish(producer: Any, topic: str, event: pb.common.CheckpointEvent) -> None:
     producer.send(topic, event.run_id, event).get(30)
 
@@ -184,6 +188,10 @@ async def run_swap_bench(config: SwapBenchConfig) -> dict[str, Any]:
         g for s in result.streams for g, t in zip(s.gaps, s.gap_times, strict=True)
         if any(a <= t <= b for a, b in windows)
     ]  # fmt: skip
+    ttft_steady = [s.first_token - s.started for s in result.streams
+                   if s.first_token is not None and load_start <= s.started < first_publish]  # fmt: skip
+    ttft_swap = [s.first_token - s.started for s in result.streams
+                 if s.first_token is not None and any(a <= s.started <= b for a, b in windows)]  # fmt: skip
     summary = result.summary()
     p99_steady, p99_swap = percentile(steady, 99), percentile(during, 99)
     promotion = [s["serving"] - s["published"] for s in swaps if s["serving"] is not None]
@@ -195,6 +203,8 @@ async def run_swap_bench(config: SwapBenchConfig) -> dict[str, Any]:
         "promotion_to_serving_s": round(max(promotion), 3) if promotion else None,
         "promotion_to_serving_s_p50": round(percentile(promotion, 50) or 0, 3) if promotion else None,
         "mixed_version_streams": summary["mixed_version_streams"],
+        "p99_ttft_ms_steady": _ms(percentile(ttft_steady, 99)),
+        "p99_ttft_ms_during_swap": _ms(percentile(ttft_swap, 99)),
         "itl_samples": {"steady": len(steady), "during_swap": len(during)},
         "swap_windows_s": [round(b - a, 2) for a, b in windows],
         "standby_ready_after_start_s": round(standby_s, 1),
@@ -241,7 +251,7 @@ async def _load_and_swap(
             await asyncio.to_thread(_publish, producer, kafka.topic_checkpoints, _event(ckpt))
             published = time.perf_counter()
             serving = None
-            while time.perf_counter() - published < 60:
+            while time.perf_counter() - published < 900:
                 reply = await stub.GetModel(pb.serving.GetModelRequest())
                 if reply.model.version == ckpt.version:
                     serving = time.perf_counter()
