@@ -1,0 +1,148 @@
+"""Service processes started by the demo: spawn, wait until gRPC health says SERVING, stop by PID.
+
+Every process the demo starts is recorded here and stopped at the end, on Ctrl-C and on failure: SIGTERM first
+(the services drain gracefully), SIGKILL after a grace period. Nothing else is ever signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+class ServiceFailed(RuntimeError):
+    """A service process exited or did not become healthy; the message points at its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@dataclass
+class ServiceProcess:
+    """One `distillery <name> serve` process with its ports and log file."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    grpc_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self) -> None:
+        prefix = f"DISTILLERY_{self.name.upper()}_"
+        env = {
+            **os.environ,
+            **self.env,
+            f"{prefix}HOST": "127.0.0.1",
+            f"{prefix}GRPC_PORT": str(self.grpc_port),
+            f"{prefix}METRICS_PORT": str(self.metrics_port),
+        }
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", self.name, "serve"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in the terminal reaches the demo, which stops us in order
+            )
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise ServiceFailed(
+                f"{self.name} exited with code {self.proc.returncode}; last lines of {self.log_path}:\n"
+                f"{tail(self.log_path)}"
+            )
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Polls grpc.health.v1 until SERVING; fails early when the process dies."""
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self.check_alive()
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ServiceFailed(
+                        f"{self.name} was not SERVING within {timeout_s:.0f}s; last lines of {self.log_path}:\n"
+                        f"{tail(self.log_path)}"
+                    )
+                time.sleep(0.25)
+
+    def stop(self, grace_s: float = 30.0) -> int | None:
+        """SIGTERM (the service drains), then SIGKILL to its whole process group (vLLM engine children included)
+        after `grace_s`; returns the exit code. Only this process and the children it started are signalled."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(grace_s)
+        # start_new_session made the service the leader of its own group: engine processes it spawned are in it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+@dataclass
+class ProcessGroup:
+    """The services of one demo run; stops them in reverse start order."""
+
+    processes: list[ServiceProcess] = field(default_factory=list)
+
+    def add(self, process: ServiceProcess) -> ServiceProcess:
+        self.processes.append(process)
+        return process
+
+    def check_alive(self) -> None:
+        for process in self.processes:
+            process.check_alive()
+
+    def stop_all(self) -> dict[str, int | None]:
+        """Stops every process (never raises: this runs in `finally` blocks); returns the exit codes."""
+        codes: dict[str, int | None] = {}
+        for process in reversed(self.processes):
+            try:
+                codes[process.name] = process.stop()
+            except Exception as exc:  # keep stopping the others
+                codes[process.name] = None
+                print(f"could not stop {process.name}: {exc}", file=sys.stderr)
+        return codes

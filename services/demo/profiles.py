@@ -1,0 +1,138 @@
+"""Demo profiles: how big each phase is. `smoke` runs on tiny models in ≈3 minutes (what `make test` runs end to
+end); `default` distils the packaged teacher in ≤ 20 minutes on 2 CPU cores; `full` trains longer for the best student.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from services.common import pb
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    #: "default" = the packaged SmolLM2-135M-Instruct; "tiny" = random tiny Llama built in code (smoke).
+    teacher: str
+    train_prompts: int
+    eval_prompts: int
+    difficulty: int
+    #: Completions per training prompt (best-of-n: verified samples are kept).
+    samples_per_prompt: int
+    temperature: float
+    max_tokens: int
+    top_k: int
+    max_steps: int
+    batch_size: int
+    eval_every_steps: int
+    learning_rate: float
+    eval_max_new_tokens: int
+    #: Concurrent client streams kept on serving while the student trains and swaps.
+    load_streams: int
+    load_max_tokens: int
+    #: Concurrency at which teacher and student tokens/s are compared; bound of the streams-at-target search.
+    speed_concurrency: int
+    max_capacity_streams: int
+    capacity_window_s: float
+    #: Time for both capacity searches together (engine starts excluded).
+    speed_budget_s: float
+    kv_cache_gib: float
+    #: Skip torch.compile in the vLLM engines (tiny models start much faster without it).
+    enforce_eager: bool = False
+    student: pb.trainer.StudentRecipe = field(default_factory=pb.trainer.StudentRecipe)
+    #: Which checkpoints are promoted (and hot-swapped into serving).
+    gate: pb.trainer.GateSpec = field(default_factory=pb.trainer.GateSpec)
+    seed: int = 1
+    #: Stop waiting for the run after this long (the report says so).
+    time_budget_s: float = 1200.0
+
+
+def _pruned(layers: int, hidden: int, mlp: int, heads: int, kv_heads: int) -> pb.trainer.StudentRecipe:
+    return pb.trainer.StudentRecipe(
+        pruned=pb.trainer.PrunedStudent(
+            num_layers=layers,
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            layer_selection=pb.trainer.LAYER_SELECTION_EVENLY,
+            calibration_samples=32,
+        )
+    )
+
+
+SMOKE = Profile(
+    name="smoke",
+    teacher="tiny",
+    train_prompts=48,
+    eval_prompts=16,
+    difficulty=1,
+    samples_per_prompt=2,
+    temperature=1.0,
+    max_tokens=12,
+    top_k=8,
+    max_steps=24,
+    batch_size=8,
+    eval_every_steps=8,
+    learning_rate=1e-3,
+    eval_max_new_tokens=12,
+    load_streams=2,
+    load_max_tokens=12,
+    speed_concurrency=2,
+    max_capacity_streams=4,
+    capacity_window_s=3.0,
+    speed_budget_s=20.0,
+    kv_cache_gib=0.25,
+    enforce_eager=True,
+    student=_pruned(1, 64, 128, 1, 1),
+    # Random tiny models score 0: promote every checkpoint so the swap path runs end to end.
+    gate=pb.trainer.GateSpec(min_accuracy_ratio=0.0, must_beat_promoted=False, min_accuracy=0.0),
+    time_budget_s=150.0,
+)
+
+DEFAULT = Profile(
+    name="default",
+    teacher="default",
+    train_prompts=1500,
+    eval_prompts=150,
+    difficulty=1,
+    samples_per_prompt=2,
+    temperature=0.8,
+    max_tokens=96,
+    top_k=20,
+    max_steps=600,
+    batch_size=32,
+    eval_every_steps=150,
+    learning_rate=1e-3,
+    eval_max_new_tokens=32,
+    load_streams=4,
+    load_max_tokens=48,
+    speed_concurrency=16,
+    max_capacity_streams=256,
+    capacity_window_s=8.0,
+    speed_budget_s=150.0,
+    kv_cache_gib=1.0,
+    student=_pruned(6, 256, 768, 4, 2),
+    # Promote each checkpoint that beats the one served and reaches half of the teacher's accuracy.
+    gate=pb.trainer.GateSpec(min_accuracy_ratio=0.5, must_beat_promoted=True, min_accuracy=0.0),
+    time_budget_s=1080.0,
+)
+
+FULL = replace(
+    DEFAULT,
+    name="full",
+    train_prompts=6000,
+    eval_prompts=300,
+    samples_per_prompt=4,
+    max_steps=3000,
+    eval_every_steps=300,
+    time_budget_s=4 * 3600.0,
+)
+
+PROFILES = {p.name: p for p in (SMOKE, DEFAULT, FULL)}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"profile={name!r} is not one of {sorted(PROFILES)}")
+    return PROFILES[name]
