@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,9 +28,11 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serving_process(env: Mapping[str, str], log_path: Path, start_timeout_s: float = 600.0) -> AsyncIterator[str]:
+async def serving_process(
+    env: Mapping[str, str], log_path: Path, start_timeout_s: float = 600.0, *, return_process: bool = False
+) -> AsyncIterator[Any]:
     """Starts the service with `DISTILLERY_SERVING_*` (and other) variables from `env`; yields its gRPC address
-    once health says SERVING; stops it with SIGTERM (then SIGKILL after 60 s)."""
+    (and the process, with `return_process`) once health says SERVING; stops it with SIGTERM (then SIGKILL)."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -46,7 +49,7 @@ async def serving_process(env: Mapping[str, str], log_path: Path, start_timeout_
         address = f"127.0.0.1:{port}"
         try:
             await _wait_serving(proc, address, start_timeout_s, log_path)
-            yield address
+            yield (address, proc) if return_process else address
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)

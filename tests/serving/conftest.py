@@ -195,7 +195,7 @@ async def served(
     v1 = register(app.registry, tiny_models.v1)
     result = Served(app, app.registry, kafka, producer, channel, stub, health, v1, before)
     result.publish(event_for(v1))
-    await result.wait_version(v1.version)
+    await result.wait_version(v1.version, timeout_s=600)  # an engine start: minutes on a busy machine
     try:
         yield result
     finally:

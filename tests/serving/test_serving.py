@@ -25,7 +25,7 @@ from services.common import pb
 from services.serving.loadtest import LoadtestConfig, run_loadtest
 from tests.serving.conftest import Served, TinyModels, event_for, nan_weights, poll, register
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(900)
 
 
 def chat(text: str = "Tom has 3 apples and buys 5 more. How many apples?") -> list[pb.common.ChatMessage]:

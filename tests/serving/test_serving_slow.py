@@ -138,3 +138,30 @@ async def test_serve_command_runs_until_sigterm(kafka_bootstrap: str, tiny_model
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_serve_exits_non_zero_when_its_engine_dies(
+    kafka_bootstrap: str, tiny_models: TinyModels, tmp_path: Path
+) -> None:
+    import psutil
+
+    from services.serving.process import serving_process
+
+    env = {
+        "DISTILLERY_HOME": str(tmp_path),
+        "DISTILLERY_SERVING_INITIAL_MODEL": str(tiny_models.v1),
+        "DISTILLERY_SERVING_WATCH_CHECKPOINTS": "false",
+        "DISTILLERY_SERVING_SWAP__STRATEGY": "engine",
+        "DISTILLERY_SERVING_VLLM__ENFORCE_EAGER": "true",
+        "DISTILLERY_SERVING_VLLM__KV_CACHE_GIB": "0.25",
+        "DISTILLERY_SERVING_VLLM__MAX_MODEL_LEN": "1024",
+    }
+    async with serving_process(env, tmp_path / "serve.log", return_process=True) as (_, proc):
+        service = psutil.Process(proc.pid)
+        engine_core = next(
+            p for p in service.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()
+        )
+        engine_core.kill()  # a process our service started, found by its PID
+        code = await asyncio.wait_for(proc.wait(), 120)
+    assert code != 0
+    assert "EngineDied" in (tmp_path / "serve.log").read_text() or "died" in (tmp_path / "serve.log").read_text()
