@@ -89,18 +89,23 @@ def collate(items: Sequence[Item], pad_id: int) -> Batch:
     )
 
 
-def answer_logits(model: Any, input_ids: Tensor, positions: Tensor, autocast: bool) -> Tensor:
-    """Student logits at `positions` only: (B, S) ids, (N,) flat positions → (N, V)."""
+def answer_logits(model: Any, input_ids: Tensor, positions: Tensor, autocast: bool, body: Any = None) -> Tensor:
+    """Student logits at `positions` only: (B, S) ids, (N,) flat positions → (N, V).
+
+    `body` is the decoder to run (e.g. a `torch.compile`d `model.model`); default `model.model`.
+    """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, S, H)
+        hidden = (body or model.model)(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, S, H)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H)
         logits: Tensor = model.lm_head(picked)  # (N, V)
     return logits
 
 
-def batch_loss(model: Any, batch: Batch, weights: LossWeights, autocast: bool) -> tuple[Tensor, dict[str, float]]:
+def batch_loss(
+    model: Any, batch: Batch, weights: LossWeights, autocast: bool, body: Any = None
+) -> tuple[Tensor, dict[str, float]]:
     """The run's mixed loss for one (micro-)batch."""
-    logits = answer_logits(model, batch.input_ids, batch.positions, autocast)
+    logits = answer_logits(model, batch.input_ids, batch.positions, autocast, body)
     nt = batch.n_teacher
     return distillation_loss(
         weights,

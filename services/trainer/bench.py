@@ -44,6 +44,7 @@ class BenchConfig:
     kv_cache_gib: float = 1.0
     seed: int = 0
     threads: int = 0
+    compile: bool = False
 
 
 @dataclass
@@ -132,6 +133,7 @@ def our_trainer(config: BenchConfig, student_dir: Path, samples: list[Sample], l
 
     torch.manual_seed(config.seed)
     model = load_causal_lm(student_dir, dtype=torch.float32).train()
+    body = torch.compile(model.model, dynamic=True) if config.compile else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
     weights = LossWeights(forward_kl=1.0)
     pad = int(model.config.pad_token_id or 0)
@@ -146,7 +148,7 @@ def our_trainer(config: BenchConfig, student_dir: Path, samples: list[Sample], l
             for s in group
         ]
         batch = collate(items, pad)
-        loss, _ = batch_loss(model, batch, weights, autocast=True)
+        loss, _ = batch_loss(model, batch, weights, autocast=True, body=body)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

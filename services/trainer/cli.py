@@ -154,11 +154,16 @@ def bench(
     steps: Annotated[int, typer.Option(help="Optimizer steps timed for each trainer.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Sequences per step, both trainers.")] = 16,
     trl: Annotated[bool, typer.Option("--trl/--no-trl", help="Also time TRL's GKDTrainer.")] = True,
+    compile_student: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="torch.compile this trainer's student decoder.")
+    ] = False,
 ) -> None:
     """`distillery bench trainer`: teacher vs trainer tokens/s in one run, and this trainer vs TRL's GKDTrainer."""
     from services.trainer.bench import BenchConfig, run_bench
 
-    config = BenchConfig(prompts=prompts, max_tokens=max_tokens, steps=steps, batch_size=batch_size, trl=trl)
+    config = BenchConfig(
+        prompts=prompts, max_tokens=max_tokens, steps=steps, batch_size=batch_size, trl=trl, compile=compile_student
+    )
     # vLLM (and its engine process) log to stdout: point fd 1 at stderr while the bench runs, so stdout carries
     # only the JSON result.
     sys.stdout.flush()

@@ -97,7 +97,7 @@ class TrainingRun:
         )
         self.student_parameters = 0
         self.step = 0
-        self._last_ckpt_step = -1
+        self._last_ckpt_step = 0  # nothing trained yet: a stop before the first step writes no checkpoint
         self._window: deque[tuple[float, int]] = deque(maxlen=20)
 
     # --- set-up -------------------------------------------------------------------------------------------------
@@ -117,6 +117,9 @@ class TrainingRun:
         self.tokenizer_dir = folder
         self.model = load_causal_lm(folder, dtype=torch.float32)
         self.model.train()
+        # A compiled view of the decoder for training steps; it shares the parameters, so checkpoints and the
+        # (eager) evaluation see the same weights.
+        self.body = torch.compile(self.model.model, dynamic=True) if self.settings.compile else None
         self.tokenizer = load_tokenizer(folder)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.student_parameters = sum(p.numel() for p in self.model.parameters())
@@ -229,7 +232,7 @@ class TrainingRun:
                 break  # stopping: apply what was accumulated, so every taken item is really trained
             trained += items
             batch = collate(items, self.pad_id)
-            loss, parts = batch_loss(self.model, batch, self.weights, s.bf16_autocast)
+            loss, parts = batch_loss(self.model, batch, self.weights, s.bf16_autocast, self.body)
             (loss / s.grad_accum_steps).backward()
             micro += 1
             loss_sum += float(loss.detach())

@@ -25,6 +25,9 @@ class TrainerSettings(ServiceSettings):
     models folder (the default teacher is prepared on first use) or a Hugging Face-format folder."""
     torch_threads: int = Field(0, ge=0, le=1024)
     """Threads torch uses for training; 0 = every core this process may use."""
+    compile: bool = False
+    """`torch.compile` the student's decoder for training steps (inductor, dynamic shapes): fewer, fused kernels
+    after a one-off compile of a minute or two; needs a C++ compiler in the image. Evaluation stays eager."""
     group_prefix: str = CONSUMER_GROUP_PREFIX
     """Each run reads the samples topic from the start in its own consumer group `<prefix>.<run_id>`."""
     batch_wait_s: float = Field(2.0, ge=0, le=3600)
