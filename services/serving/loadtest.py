@@ -221,6 +221,8 @@ async def run_loadtest(config: LoadtestConfig) -> LoadtestResult:
             record = StreamRecord(started=time.perf_counter())
             records.append(record)
             await _one_stream(stub, request, record, config.stream_timeout_s)
+            if record.error is not None:
+                await asyncio.sleep(0.1)  # a refusing or absent service is not hammered in a tight loop
 
     async def swapper() -> None:
         stub = stubs[0]

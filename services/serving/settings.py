@@ -58,7 +58,7 @@ class ServingSettings(ServiceSettings):
     """Kafka consumer group of the checkpoint watcher; default `distillery-serving-<hostname>-<pid>`: every replica
     has its own group, because every replica must see every promotion."""
     vllm: VllmSettings = Field(
-        default_factory=lambda: VllmSettings(max_num_seqs=256, kv_cache_gib=2.0, enable_prefix_caching=True)
+        default_factory=lambda: VllmSettings(max_num_seqs=512, kv_cache_gib=2.0, enable_prefix_caching=True)
     )
     limits: LimitSettings = Field(default_factory=LimitSettings)
     swap: SwapSettings = Field(default_factory=SwapSettings)
