@@ -35,14 +35,23 @@ class LoadStats:
 
 
 class ClientLoad:
-    def __init__(self, address: str, chats: Sequence[Sequence[dict[str, str]]], streams: int, max_tokens: int) -> None:
+    def __init__(
+        self,
+        address: str,
+        chats: Sequence[Sequence[dict[str, str]]],
+        streams: int,
+        max_tokens: int,
+        think_s: float,
+        temperature: float,
+    ) -> None:
         self.config = LoadtestConfig(
             address=address,
             concurrency=streams,
             duration_s=WINDOW_S,
             max_tokens=max_tokens,
             ignore_eos=False,  # answers end where the model ends them, as a user would see
-            temperature=0.0,
+            temperature=temperature,
+            think_s=think_s,
             prompts=[[(m["role"], m["content"]) for m in chat] for chat in chats],
             min_wpm_tokens=4,
         )

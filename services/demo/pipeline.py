@@ -199,6 +199,7 @@ class Demo:
         spec.schedule.batch_size = p.batch_size
         spec.schedule.eval_every_steps = p.eval_every_steps
         spec.schedule.learning_rate = p.learning_rate
+        spec.schedule.sample_reuse = p.sample_reuse
         spec.eval.max_prompts = p.eval_prompts
         spec.eval.max_new_tokens = p.eval_max_new_tokens
         spec.eval.min_eval_samples = p.eval_prompts
@@ -221,7 +222,8 @@ class Demo:
         watcher = threading.Thread(target=watch_run, args=(procs["trainer"].address, run_id, watch), daemon=True)
         watcher.start()
         prompts = [self.task.messages(problem) for problem in held_out]
-        load = ClientLoad(procs["serving"].address, prompts, p.load_streams, p.load_max_tokens)
+        load = ClientLoad(procs["serving"].address, prompts, p.load_streams, p.load_max_tokens, p.load_think_s,
+                          p.load_temperature)  # fmt: skip
         load.start()
         expected_samples = p.train_prompts * p.samples_per_prompt + p.eval_prompts
         deadline = time.monotonic() + p.time_budget_s

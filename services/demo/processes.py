@@ -103,7 +103,7 @@ class ServiceProcess:
                     )
                 time.sleep(0.25)
 
-    def stop(self, grace_s: float = 30.0) -> int | None:
+    def stop(self, grace_s: float = 60.0) -> int | None:
         """SIGTERM (the service drains), then SIGKILL to its whole process group (vLLM engine children included)
         after `grace_s`; returns the exit code. Only this process and the children it started are signalled."""
         if self.proc is None:

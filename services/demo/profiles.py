@@ -26,10 +26,16 @@ class Profile:
     batch_size: int
     eval_every_steps: int
     learning_rate: float
+    #: Times each teacher sample is trained on (the teacher generates far slower than the student trains).
+    sample_reuse: int
     eval_max_new_tokens: int
     #: Concurrent client streams kept on serving while the student trains and swaps.
     load_streams: int
     load_max_tokens: int
+    #: Pause of each simulated client between streams, so the load is users reading, not a stress test.
+    load_think_s: float
+    #: Greedy answers (as the task is scored) by default; random tiny models need sampling to produce words.
+    load_temperature: float
     #: Concurrency at which teacher and student tokens/s are compared; bound of the streams-at-target search.
     speed_concurrency: int
     max_capacity_streams: int
@@ -75,9 +81,12 @@ SMOKE = Profile(
     batch_size=8,
     eval_every_steps=8,
     learning_rate=1e-3,
+    sample_reuse=4,
     eval_max_new_tokens=12,
     load_streams=2,
     load_max_tokens=12,
+    load_think_s=1.0,
+    load_temperature=1.0,
     speed_concurrency=2,
     max_capacity_streams=4,
     capacity_window_s=3.0,
@@ -104,9 +113,12 @@ DEFAULT = Profile(
     batch_size=32,
     eval_every_steps=150,
     learning_rate=1e-3,
+    sample_reuse=8,
     eval_max_new_tokens=32,
     load_streams=4,
     load_max_tokens=48,
+    load_think_s=2.0,
+    load_temperature=0.0,
     speed_concurrency=16,
     max_capacity_streams=256,
     capacity_window_s=8.0,

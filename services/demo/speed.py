@@ -20,10 +20,12 @@ def compare(result: DemoResult, home: Path, student_dir: Path, teacher_dir: Path
         home=home,
         probe_s=profile.capacity_window_s,
         max_tokens=profile.load_max_tokens,
+        temperature=profile.load_temperature,
         start_concurrency=profile.speed_concurrency,
         max_concurrency=profile.max_capacity_streams,
         budget_s=profile.speed_budget_s,
         kv_cache_gib=profile.kv_cache_gib,
+        enforce_eager=profile.enforce_eager,
         student_dir=student_dir,
         teacher_dir=teacher_dir,
     )

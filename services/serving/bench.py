@@ -46,6 +46,8 @@ class ServingBenchConfig:
     max_num_seqs: int = 1024
     kv_cache_gib: float = 2.0
     max_model_len: int = 1024
+    enforce_eager: bool = False
+    """Skip torch.compile in the engines (tiny models start much faster without it)."""
     student_dir: Path | None = None
     teacher_dir: Path | None = None
 
@@ -76,6 +78,7 @@ def service_env(config: ServingBenchConfig, model_dir: Path) -> dict[str, str]:
         "DISTILLERY_SERVING_VLLM__MAX_NUM_SEQS": str(config.max_num_seqs),
         "DISTILLERY_SERVING_VLLM__KV_CACHE_GIB": str(config.kv_cache_gib),
         "DISTILLERY_SERVING_VLLM__MAX_MODEL_LEN": str(config.max_model_len),
+        "DISTILLERY_SERVING_VLLM__ENFORCE_EAGER": str(config.enforce_eager).lower(),
         "DISTILLERY_SERVING_LIMITS__MAX_CONCURRENT_STREAMS": str(config.max_concurrency * 2),
         "DISTILLERY_SERVING_MAX_CONCURRENT_RPCS": str(config.max_concurrency * 2 + 64),
         "DISTILLERY_SERVING_LOG_LEVEL": "WARNING",
@@ -119,13 +122,15 @@ def _probe_row(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 async def bench_model(
-    config: ServingBenchConfig, name: str, model_dir: Path, deadline: float, equal_at: int | None
+    config: ServingBenchConfig, name: str, model_dir: Path, budget_s: float, equal_at: int | None
 ) -> dict[str, Any]:
-    """Capacity search for one model; with `equal_at`, also one probe at that concurrency."""
+    """Capacity search for one model within `budget_s` after its engine is up; with `equal_at`, also one probe at
+    that concurrency."""
     log = config.home / "bench" / f"serving-{name}.log"
     started = time.monotonic()
     async with serving_process(service_env(config, model_dir), log) as address:
         start_s = time.monotonic() - started
+        deadline = time.monotonic() + budget_s
 
         async def probe(concurrency: int) -> dict[str, Any]:
             result = await run_loadtest(
@@ -174,9 +179,9 @@ async def run_serving_bench(config: ServingBenchConfig) -> dict[str, Any]:
     if student_dir is None:
         student_dir = await asyncio.to_thread(default_student, models_dir, teacher_dir)
     # Teacher first: its capacity is the concurrency both models are compared at for tokens/s.
-    teacher = await bench_model(config, "teacher", teacher_dir, time.monotonic() + config.budget_s / 2, None)
+    teacher = await bench_model(config, "teacher", teacher_dir, config.budget_s / 2, None)
     equal = max(1, teacher["streams_at_target"])
-    student = await bench_model(config, "student", student_dir, time.monotonic() + config.budget_s / 2, equal)
+    student = await bench_model(config, "student", student_dir, config.budget_s / 2, equal)
     s_tps, t_tps = student["tokens_per_s_at_equal_concurrency"], teacher["tokens_per_s_at_equal_concurrency"]
     return {
         "student_streams_at_target": student["streams_at_target"],

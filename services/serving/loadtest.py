@@ -46,6 +46,8 @@ class LoadtestConfig:
     stream_timeout_s: float = 600.0
     min_wpm_tokens: int = 4
     """Streams with fewer tokens than this get no words-per-minute figure."""
+    think_s: float = 0.0
+    """Pause of each simulated client between its streams (0: back to back, for capacity measurements)."""
 
 
 @dataclass
@@ -221,6 +223,8 @@ async def run_loadtest(config: LoadtestConfig) -> LoadtestResult:
             record = StreamRecord(started=time.perf_counter())
             records.append(record)
             await _one_stream(stub, request, record, config.stream_timeout_s)
+            if config.think_s > 0:
+                await asyncio.sleep(config.think_s)
             if record.error is not None:
                 await asyncio.sleep(0.1)  # a refusing or absent service is not hammered in a tight loop
 
