@@ -234,6 +234,9 @@ def _count_generated(generated: Any, eos: int | None, ignore_eos: bool) -> int:
 
 
 def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
+    # stdout carries only the JSON result: vLLM logs to stdout unless told otherwise (read at its import).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from services.common.models import resolve_model
     from services.teacher.settings import TeacherSettings
 
