@@ -38,6 +38,8 @@ class BenchConfig:
     max_tokens: int = 128
     top_k: int = 20
     hf_batch_size: int = 32
+    #: torch threads of the transformers run; 0 = every core the process may use.
+    hf_threads: int = 0
     max_num_seqs: int = 128
     enforce_eager: bool = False
     model: str | None = None
@@ -183,7 +185,7 @@ def _bench_hf(config: BenchConfig, model_dir: Path, prompt_ids: list[list[int]],
 
     from services.common.models import load_causal_lm, load_tokenizer
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(config.hf_threads or len(os.sched_getaffinity(0)))
     torch.manual_seed(config.seed)
     task = progress.add_task("transformers: loading", total=len(prompt_ids))
     model = load_causal_lm(model_dir, dtype=torch.bfloat16).eval()
@@ -220,7 +222,7 @@ def _bench_hf(config: BenchConfig, model_dir: Path, prompt_ids: list[list[int]],
         progress.advance(task, len(batch))
     elapsed = time.perf_counter() - started
     progress.update(task, description="transformers: done")
-    return {"tokens": tokens, "seconds": elapsed}
+    return {"tokens": tokens, "seconds": elapsed, "threads": torch.get_num_threads()}
 
 
 def _count_generated(generated: Any, eos: int | None, ignore_eos: bool) -> int:
@@ -254,7 +256,13 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
     )
     sampling = _sampling(config)
     records = _records(config, sampling)
-    result: dict[str, Any] = {"model": Path(model).name, "config": asdict(config), "cpus": len(os.sched_getaffinity(0))}
+    result: dict[str, Any] = {
+        "model": Path(model).name,
+        "config": asdict(config),
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+        "vllm_cpu_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+    }
     with (
         Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -272,4 +280,6 @@ def run_bench(config: BenchConfig, console: Console) -> dict[str, Any]:
         result["vllm_vs_hf"] = round(result["raw_vllm_tokens_per_s"] / result["hf_generate_tokens_per_s"], 3)
         result["service_vs_hf"] = round(result["service_tokens_per_s"] / result["hf_generate_tokens_per_s"], 3)
     result["detail"] = {"service": service, "raw_vllm": raw, "hf_generate": hf}
+    # Other work on the machine skews the three runs unevenly (a multi-threaded transformers run suffers most).
+    result["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     return result
