@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from services.common.process import free_port
 from services.common.settings import distillery_home
 
 
@@ -53,12 +54,6 @@ def binary() -> Path:
     if not os.access(path, os.X_OK):
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _is_ours(state: BrokerState) -> bool:
@@ -118,7 +113,7 @@ def start(home: Path | None = None, port: int = 0, timeout_s: float = 15.0) -> B
     exe = str(binary())
     log = folder / "tansu.log"
     for attempt in range(5):
-        chosen = port or _free_port()
+        chosen = port or free_port()
         url = f"tcp://127.0.0.1:{chosen}"
         with open(log, "ab") as out:
             proc = subprocess.Popen(

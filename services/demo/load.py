@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from services.common.settings import READING_TARGET_WPM
 from services.serving.loadtest import LoadtestConfig, StreamRecord, run_loadtest
 
-WINDOW_S = 15.0
+WINDOW_S = 5.0
 
 
 @dataclass

@@ -25,9 +25,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from services.common import broker, pb
 from services.common.models import DEFAULT_TEACHER, parameter_count, prepare_default_teacher
+from services.common.process import ProcessGroup, ServiceFailed, ServiceProcess
 from services.common.registry import Registry
 from services.common.settings import KafkaSettings
-from services.demo.processes import ProcessGroup, ServiceFailed, ServiceProcess
 from services.demo.profiles import Profile
 from services.demo.report import DemoResult, write_report
 from services.demo.scrape import scrape

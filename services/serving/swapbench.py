@@ -163,7 +163,6 @@ async def run_swap_bench(config: SwapBenchConfig) -> dict[str, Any]:
             "DISTILLERY_KAFKA_BOOTSTRAP": str(kafka.bootstrap),
             "DISTILLERY_KAFKA_TOPIC_CHECKPOINTS": kafka.topic_checkpoints,
             "DISTILLERY_KAFKA_TOPIC_DEAD_LETTERS": kafka.topic_dead_letters,
-            "DISTILLERY_SERVING_METRICS_PORT": str(metrics_port),
             "DISTILLERY_SERVING_SWAP__STRATEGY": config.strategy,
             "DISTILLERY_SERVING_VLLM__MAX_NUM_SEQS": str(config.max_num_seqs),
             "DISTILLERY_SERVING_VLLM__KV_CACHE_GIB": str(config.kv_cache_gib),
@@ -172,7 +171,7 @@ async def run_swap_bench(config: SwapBenchConfig) -> dict[str, Any]:
         }
         producer = ProtoProducer(kafka, "bench-swap")
         try:
-            async with serving_process(env, workdir / "serving.log") as address:
+            async with serving_process(env, workdir / "serving.log", metrics_port=metrics_port) as address:
                 standby_s = await _wait_standby(metrics_port, 600) if config.strategy == "standby" else 0.0
                 result, swaps = await _load_and_swap(config, address, producer, kafka, ckpts)
         finally:

@@ -156,12 +156,13 @@ async def test_serve_exits_non_zero_when_its_engine_dies(
         "DISTILLERY_SERVING_VLLM__KV_CACHE_GIB": "0.25",
         "DISTILLERY_SERVING_VLLM__MAX_MODEL_LEN": "1024",
     }
-    async with serving_process(env, tmp_path / "serve.log", return_process=True) as (_, proc):
+    async with serving_process(env, tmp_path / "serve.log", return_process=True) as (_, service_process):
+        proc = service_process.proc
         service = psutil.Process(proc.pid)
         engine_core = next(
             p for p in service.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name()
         )
         engine_core.kill()  # a process our service started, found by its PID
-        code = await asyncio.wait_for(proc.wait(), 120)
+        code = await asyncio.to_thread(proc.wait, 120)
     assert code != 0
     assert "EngineDied" in (tmp_path / "serve.log").read_text() or "died" in (tmp_path / "serve.log").read_text()

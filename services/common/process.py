@@ -1,7 +1,7 @@
-"""Service processes started by the demo: spawn, wait until gRPC health says SERVING, stop by PID.
+"""`distillery <service> serve` as a child process (demo, benchmarks): spawn, wait for SERVING, stop by PID.
 
-Every process the demo starts is recorded here and stopped at the end, on Ctrl-C and on failure: SIGTERM first
-(the services drain gracefully), SIGKILL after a grace period. Nothing else is ever signalled.
+Each process gets its own session, so stopping it can also reach the vLLM engine processes it started: SIGTERM
+first (the service drains gracefully), SIGKILL to its process group after a grace period. Nothing else is signalled.
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ class ServiceProcess:
         prefix = f"DISTILLERY_{self.name.upper()}_"
         env = {
             **os.environ,
-            **self.env,
             f"{prefix}HOST": "127.0.0.1",
             f"{prefix}GRPC_PORT": str(self.grpc_port),
             f"{prefix}METRICS_PORT": str(self.metrics_port),
+            **self.env,
         }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
