@@ -45,6 +45,9 @@ class Profile:
     kv_cache_gib: float
     #: Skip torch.compile in the vLLM engines (tiny models start much faster without it).
     enforce_eager: bool = False
+    #: Torch threads of the trainer, which shares the machine with the two vLLM engines (each pinned to one core,
+    #: see `Demo.start_services`): more threads than free cores make OpenMP teams wait on each other.
+    trainer_threads: int = 1
     student: pb.trainer.StudentRecipe = field(default_factory=pb.trainer.StudentRecipe)
     #: Which checkpoints are promoted (and hot-swapped into serving).
     gate: pb.trainer.GateSpec = field(default_factory=pb.trainer.GateSpec)
