@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import grpc
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -46,6 +47,10 @@ def demo(
         raise typer.Exit(130) from None
     except (DemoFailed, ServiceFailed) as exc:
         console.print(f"[red]demo failed: {exc}[/red]")
+        raise typer.Exit(1) from None
+    except grpc.RpcError as exc:
+        console.print(f"[red]demo failed: a service answered {exc.code().name}: {exc.details()}[/red]")
+        console.print(f"logs: {folder / 'logs'}")
         raise typer.Exit(1) from None
     _print_summary(console, summary, folder)
     if json_output:

@@ -155,7 +155,7 @@ class Demo:
             },
             "serving": {
                 "DISTILLERY_SERVING_INITIAL_MODEL": str(teacher_dir),
-                "DISTILLERY_SERVING_VLLM__ENFORCE_EAGER": str(p.enforce_eager).lower(),
+                "DISTILLERY_SERVING_VLLM__ENFORCE_EAGER": str(p.enforce_eager or p.serving_enforce_eager).lower(),
                 "DISTILLERY_SERVING_VLLM__KV_CACHE_GIB": str(p.kv_cache_gib),
                 "DISTILLERY_SERVING_VLLM__MAX_MODEL_LEN": "1024",
                 "DISTILLERY_SERVING_VLLM__CPU_BIND": str(cpus[0]),
@@ -164,9 +164,14 @@ class Demo:
         procs = {}
         for name in ("teacher", "trainer", "serving"):
             prefix = f"DISTILLERY_{name.upper()}_"
-            service_env = {**common, **env[name], f"{prefix}REGISTRY_DIR": str(self.registry.root),
+            # Service state (the trainer's run files and work folders) lives in the run folder: a run interrupted in
+            # an earlier demo must not resume in this one.
+            service_env = {**common, **env[name], f"{prefix}HOME": str(self.run_dir),
+                           f"{prefix}REGISTRY_DIR": str(self.registry.root),
                            f"{prefix}MODELS_DIR": str(self.home / "models"), f"{prefix}LOG_FORMAT": "json"}  # fmt: skip
-            procs[name] = self.group.add(ServiceProcess(name, service_env, self.run_dir / "logs" / f"{name}.log"))
+            nice = 0 if name == "trainer" else p.engines_nice
+            log = self.run_dir / "logs" / f"{name}.log"
+            procs[name] = self.group.add(ServiceProcess(name, service_env, log, nice=nice))
             procs[name].start()
         for name, proc in procs.items():
             proc.wait_healthy(timeout_s=300)
@@ -213,6 +218,7 @@ class Demo:
         spec.eval.max_new_tokens = p.eval_max_new_tokens
         spec.eval.min_eval_samples = p.eval_prompts
         spec.gate.CopyFrom(p.gate)
+        spec.data.verify = p.verify
         spec.seed = p.seed
         return spec
 

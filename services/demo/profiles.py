@@ -45,9 +45,17 @@ class Profile:
     kv_cache_gib: float
     #: Skip torch.compile in the vLLM engines (tiny models start much faster without it).
     enforce_eager: bool = False
+    #: Skip torch.compile in the pipeline's serving engines only: each hot-swap starts an engine next to the one
+    #: serving, on the same core as the trainer's neighbour; compiled engines are still what the speed phase measures.
+    serving_enforce_eager: bool = False
+    #: Which teacher samples train the student (references train it regardless): keep-correct is best-of-n.
+    verify: int = pb.trainer.VERIFY_MODE_KEEP_CORRECT
     #: Torch threads of the trainer, which shares the machine with the two vLLM engines (each pinned to one core,
     #: see `Demo.start_services`): more threads than free cores make OpenMP teams wait on each other.
     trainer_threads: int = 1
+    #: Niceness of the teacher and serving processes: the trainer (nice 0) gets ≈3/4 of a core it shares with either.
+    #: Measured without it: the two vLLM workers took ≈95% and ≈70% of the two cores and the trainer ≈19%.
+    engines_nice: int = 5
     student: pb.trainer.StudentRecipe = field(default_factory=pb.trainer.StudentRecipe)
     #: Which checkpoints are promoted (and hot-swapped into serving).
     gate: pb.trainer.GateSpec = field(default_factory=pb.trainer.GateSpec)
@@ -96,6 +104,9 @@ SMOKE = Profile(
     speed_budget_s=20.0,
     kv_cache_gib=0.25,
     enforce_eager=True,
+    serving_enforce_eager=True,
+    # Random tiny models are never correct: keep every sample so the distillation losses run.
+    verify=pb.trainer.VERIFY_MODE_KEEP_ALL,
     student=_pruned(1, 64, 128, 1, 1),
     # Random tiny models score 0: promote every checkpoint so the swap path runs end to end.
     gate=pb.trainer.GateSpec(min_accuracy_ratio=0.0, must_beat_promoted=False, min_accuracy=0.0),
@@ -105,32 +116,34 @@ SMOKE = Profile(
 DEFAULT = Profile(
     name="default",
     teacher="default",
-    train_prompts=1500,
+    # The teacher (one core, ≈280 tokens/s) needs ≈6 minutes for these; the trainer trains on what has arrived.
+    train_prompts=600,
     eval_prompts=150,
     difficulty=1,
     samples_per_prompt=2,
     temperature=0.8,
-    max_tokens=96,
+    max_tokens=80,
     top_k=20,
-    max_steps=600,
+    max_steps=200,
     batch_size=32,
-    eval_every_steps=150,
+    eval_every_steps=50,
     learning_rate=1e-3,
     sample_reuse=8,
-    eval_max_new_tokens=32,
-    load_streams=4,
+    eval_max_new_tokens=48,
+    load_streams=3,
     load_max_tokens=48,
     load_think_s=2.0,
     load_temperature=0.0,
     speed_concurrency=16,
     max_capacity_streams=256,
     capacity_window_s=8.0,
-    speed_budget_s=150.0,
+    speed_budget_s=120.0,
     kv_cache_gib=1.0,
+    serving_enforce_eager=True,
     student=_pruned(6, 256, 768, 4, 2),
     # Promote each checkpoint that beats the one served and reaches half of the teacher's accuracy.
     gate=pb.trainer.GateSpec(min_accuracy_ratio=0.5, must_beat_promoted=True, min_accuracy=0.0),
-    time_budget_s=1080.0,
+    time_budget_s=780.0,
 )
 
 FULL = replace(
@@ -141,6 +154,7 @@ FULL = replace(
     samples_per_prompt=4,
     max_steps=3000,
     eval_every_steps=300,
+    trainer_threads=2,
     time_budget_s=4 * 3600.0,
 )
 
