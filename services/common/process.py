@@ -1,6 +1,6 @@
 """`distillery <service> serve` as a child process (demo, benchmarks): spawn, wait for SERVING, stop by PID.
 
-Each process gets its own session, so stopping it can also reach the vLLM engine processes it started: SIGTERM
+Each process leads its own process group, so stopping it can also reach the vLLM engine processes it started: SIGTERM
 first (the service drains gracefully), SIGKILL to its process group after a grace period. Nothing else is signalled.
 """
 
@@ -79,7 +79,9 @@ class ServiceProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C in the terminal reaches the demo, which stops us in order
+                # Its own process group (Ctrl-C in the terminal reaches the demo, which stops us in order) but the
+                # caller's session: Linux schedules sessions as autogroups, between which `nice` does nothing.
+                process_group=0,
             )
 
     def check_alive(self) -> None:
@@ -119,7 +121,7 @@ class ServiceProcess:
                 self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(grace_s)
-        # start_new_session made the service the leader of its own group: engine processes it spawned are in it.
+        # The service leads its own process group: engine processes it spawned are in it.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         try:
