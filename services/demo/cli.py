@@ -88,8 +88,8 @@ def _print_summary(console: Console, s: dict, folder: Path) -> None:
     cost = s["cost_estimate"]
     console.print(
         f"cost estimate per million tokens at ${cost['machine_price_per_hour_usd']}/h: teacher "
-        f"${_fmt(cost['teacher_usd_per_million_tokens'], '.2f')}, student "
-        f"${_fmt(cost['student_usd_per_million_tokens'], '.2f')}"
+        f"${_fmt(cost['teacher_usd_per_million_tokens'], '.4f')}, student "
+        f"${_fmt(cost['student_usd_per_million_tokens'], '.4f')}"
     )
     for note in s["notes"]:
         console.print(f"note: {note}")

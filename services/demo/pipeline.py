@@ -152,6 +152,7 @@ class Demo:
             "trainer": {
                 "DISTILLERY_TRAINER_TEACHER_MODEL": str(teacher_dir),
                 "DISTILLERY_TRAINER_TORCH_THREADS": str(p.trainer_threads),
+                "DISTILLERY_TRAINER_BATCH_WAIT_S": str(p.batch_wait_s),
             },
             "serving": {
                 "DISTILLERY_SERVING_INITIAL_MODEL": str(teacher_dir),

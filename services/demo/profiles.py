@@ -56,6 +56,8 @@ class Profile:
     #: Niceness of the teacher and serving processes: the trainer (nice 0) gets ≈3/4 of a core it shares with either.
     #: Measured without it: the two vLLM workers took ≈95% and ≈70% of the two cores and the trainer ≈19%.
     engines_nice: int = 5
+    #: How long the trainer waits for a full batch before training a partial one (the teacher publishes in bursts).
+    batch_wait_s: float = 30.0
     student: pb.trainer.StudentRecipe = field(default_factory=pb.trainer.StudentRecipe)
     #: Which checkpoints are promoted (and hot-swapped into serving).
     gate: pb.trainer.GateSpec = field(default_factory=pb.trainer.GateSpec)
@@ -105,6 +107,7 @@ SMOKE = Profile(
     kv_cache_gib=0.25,
     enforce_eager=True,
     serving_enforce_eager=True,
+    batch_wait_s=2.0,
     # Random tiny models are never correct: keep every sample so the distillation losses run.
     verify=pb.trainer.VERIFY_MODE_KEEP_ALL,
     student=_pruned(1, 64, 128, 1, 1),

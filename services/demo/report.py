@@ -233,8 +233,8 @@ def write_report(result: DemoResult, folder: Path) -> dict[str, Any]:
         "## Cost per million generated tokens (estimate)",
         "",
         f"At ${cost['machine_price_per_hour_usd']}/hour for this machine and the measured throughput: teacher "
-        f"${_fmt(cost['teacher_usd_per_million_tokens'], '.2f')}, student "
-        f"${_fmt(cost['student_usd_per_million_tokens'], '.2f')} per million tokens. This is an estimate, not a bill.",
+        f"${_fmt(cost['teacher_usd_per_million_tokens'], '.4f')}, student "
+        f"${_fmt(cost['student_usd_per_million_tokens'], '.4f')} per million tokens. This is an estimate, not a bill.",
         "",
         "## Evaluations",
         "",

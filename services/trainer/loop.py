@@ -201,13 +201,15 @@ class TrainingRun:
             read = self.intake.poll(0.0 if enough else self.settings.poll_timeout_s)
             if self.buffer.fresh >= n:
                 items, done = self.buffer.take(n, replay=False)
-            elif read == 0 and replay_ok and len(self.buffer) > self.buffer.fresh:
+            elif read == 0 and replay_ok and len(self.buffer) >= n:
+                # A full batch of fresh and replayed items. Partial batches would spend optimizer steps (and the
+                # schedule) on a handful of samples while the teacher is still producing them.
                 items, done = self.buffer.take(n, replay=True)
             elif read == 0 and self.buffer.fresh > 0:
                 waited_since = waited_since or time.monotonic()
                 if time.monotonic() - waited_since < self.settings.batch_wait_s:
                     continue
-                items, done = self.buffer.take(n, replay=False)
+                items, done = self.buffer.take(n, replay=replay_ok)
             else:
                 self._publish_idle()
                 continue

@@ -31,7 +31,8 @@ class TrainerSettings(ServiceSettings):
     group_prefix: str = CONSUMER_GROUP_PREFIX
     """Each run reads the samples topic from the start in its own consumer group `<prefix>.<run_id>`."""
     batch_wait_s: float = Field(2.0, ge=0, le=3600)
-    """With fewer fresh samples than a batch and nothing to replay, train a partial batch after this long."""
+    """With fewer samples than a batch (fresh and replayable) and nothing new arriving, train a partial batch after
+    this long."""
     poll_timeout_s: float = Field(0.2, gt=0, le=60)
     """Longest wait for new samples when the buffer has room and a batch can still be filled."""
     resume: bool = True
