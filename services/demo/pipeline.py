@@ -181,7 +181,8 @@ class Demo:
 
     def problems(self) -> tuple[list[Problem], list[Problem]]:
         p = self.profile
-        train = self.task.generate(p.train_prompts, seed=p.seed, split="train", difficulty=p.difficulty)
+        train = self.task.generate(p.train_prompts + p.scored_prompts, seed=p.seed, split="train",
+                                   difficulty=p.difficulty)  # fmt: skip
         held_out = self.task.generate(p.eval_prompts, seed=p.seed + 1, split="eval", difficulty=p.difficulty)
         return train, held_out
 
@@ -194,16 +195,30 @@ class Demo:
         )
         # Held-out prompts: greedy, one answer, so the teacher's accuracy is measured the way the student's is.
         sampling_eval = pb.common.SamplingParams(temperature=0.0, n=1, max_tokens=p.max_tokens, logprobs=p.top_k)
-        records = []
-        for problems, sampling in ((held_out, sampling_eval), (train, sampling_train)):
-            for problem in problems:
-                record = problem_record(problem, self.task.name, sampling)
-                # The worked solution ("3 + 5 = 8. The answer is 8.") is the reference: the checker reads its final
-                # number, and the student can also learn from it (reference_ce).
-                record.reference_answer = problem.solution
-                records.append(record)
+        sampling_scored = pb.common.SamplingParams(logprobs=p.top_k)
+
+        def record(problem: Problem, sampling: pb.common.SamplingParams, scored: bool = False) -> Any:
+            out = problem_record(problem, self.task.name, sampling)
+            # The worked solution ("3 + 5 = 8. The answer is 8.") is the reference: the checker reads its final
+            # number, and scored prompts make it the completion the teacher scores.
+            out.reference_answer = problem.solution
+            out.score_reference = scored
+            return out
+
+        generated = [record(problem, sampling_train) for problem in train[: p.train_prompts]]
+        scored = [record(problem, sampling_scored, scored=True) for problem in train[p.train_prompts :]]
+        # Held-out prompts first (the trainer evaluates once it has them all), then the generated ones spread evenly
+        # among the scored ones, so the trainer sees both kinds from the start.
+        every = max(1, -(-(len(generated) + len(scored)) // max(1, len(generated))))
+        mixed: list[pb.common.PromptRecord] = []
+        for i, scored_record in enumerate(scored):
+            if i % every == 0 and generated:
+                mixed.append(generated.pop(0))
+            mixed.append(scored_record)
+        records = [record(problem, sampling_eval) for problem in held_out] + mixed + generated
         publish(KafkaSettings(bootstrap=bootstrap), records)
-        self.result.train_prompts, self.result.eval_prompts = len(train), len(held_out)
+        self.result.scored_prompts = len(scored)
+        self.result.train_prompts, self.result.eval_prompts = p.train_prompts, len(held_out)
 
     def run_spec(self) -> pb.trainer.RunSpec:
         from services.trainer.recipes import default_run_spec
@@ -220,6 +235,8 @@ class Demo:
         spec.eval.min_eval_samples = p.eval_prompts
         spec.gate.CopyFrom(p.gate)
         spec.data.verify = p.verify
+        if p.loss is not None:
+            spec.loss.CopyFrom(p.loss)
         spec.seed = p.seed
         return spec
 
@@ -241,7 +258,7 @@ class Demo:
         load = ClientLoad(procs["serving"].address, prompts, p.load_streams, p.load_max_tokens, p.load_think_s,
                           p.load_temperature)  # fmt: skip
         load.start()
-        expected_samples = p.train_prompts * p.samples_per_prompt + p.eval_prompts
+        expected_samples = p.train_prompts * p.samples_per_prompt + p.scored_prompts + p.eval_prompts
         deadline = time.monotonic() + p.time_budget_s
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn())  # fmt: skip

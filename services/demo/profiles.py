@@ -48,8 +48,13 @@ class Profile:
     #: Skip torch.compile in the pipeline's serving engines only: each hot-swap starts an engine next to the one
     #: serving, on the same core as the trainer's neighbour; compiled engines are still what the speed phase measures.
     serving_enforce_eager: bool = False
-    #: Which teacher samples train the student (references train it regardless): keep-correct is best-of-n.
-    verify: int = pb.trainer.VERIFY_MODE_KEEP_CORRECT
+    #: Which teacher samples train the student: keep-correct is best-of-n.
+    verify: pb.trainer.VerifyMode.ValueType = pb.trainer.VERIFY_MODE_KEEP_CORRECT
+    #: Training prompts whose reference solution the teacher scores instead of answering (teacher-forced samples: its
+    #: top-k at every token of a correct answer). A prefill, not a generation: many more prompts per second.
+    scored_prompts: int = 0
+    #: Loss mix of the run (None: the trainer's default).
+    loss: pb.trainer.LossSpec | None = None
     #: Torch threads of the trainer, which shares the machine with the two vLLM engines (each pinned to one core,
     #: see `Demo.start_services`): more threads than free cores make OpenMP teams wait on each other.
     trainer_threads: int = 1
@@ -85,6 +90,7 @@ SMOKE = Profile(
     teacher="tiny",
     train_prompts=48,
     eval_prompts=16,
+    scored_prompts=32,
     difficulty=1,
     samples_per_prompt=2,
     temperature=1.0,
@@ -119,19 +125,21 @@ SMOKE = Profile(
 DEFAULT = Profile(
     name="default",
     teacher="default",
-    # The teacher (one core, ≈280 tokens/s) needs ≈6 minutes for these; the trainer trains on what has arrived.
-    train_prompts=600,
+    # Best-of-2 answers from the teacher (one core generates ≈2–3 samples/s next to the trainer) ...
+    train_prompts=200,
     eval_prompts=150,
+    # ... and teacher-forced samples of worked solutions, which the teacher scores ≈10× faster than it answers.
+    scored_prompts=6000,
     difficulty=1,
     samples_per_prompt=2,
     temperature=0.8,
     max_tokens=80,
     top_k=20,
-    max_steps=200,
+    max_steps=300,
     batch_size=32,
-    eval_every_steps=50,
+    eval_every_steps=75,
     learning_rate=1e-3,
-    sample_reuse=8,
+    sample_reuse=2,
     eval_max_new_tokens=48,
     load_streams=3,
     load_max_tokens=48,
@@ -144,6 +152,8 @@ DEFAULT = Profile(
     kv_cache_gib=1.0,
     serving_enforce_eager=True,
     student=_pruned(6, 256, 768, 4, 2),
+    # KL to the teacher's top-k plus cross-entropy on the (verified or reference) tokens of every kept sample.
+    loss=pb.trainer.LossSpec(forward_kl=1.0, cross_entropy=1.0, reference_ce=0.0, temperature=1.0),
     # Promote each checkpoint that beats the one served and reaches half of the teacher's accuracy.
     gate=pb.trainer.GateSpec(min_accuracy_ratio=0.5, must_beat_promoted=True, min_accuracy=0.0),
     time_budget_s=780.0,
@@ -152,8 +162,9 @@ DEFAULT = Profile(
 FULL = replace(
     DEFAULT,
     name="full",
-    train_prompts=6000,
+    train_prompts=2000,
     eval_prompts=300,
+    scored_prompts=40000,
     samples_per_prompt=4,
     max_steps=3000,
     eval_every_steps=300,

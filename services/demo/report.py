@@ -47,6 +47,7 @@ class DemoResult:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     teacher_samples: int = 0
     train_prompts: int = 0
+    scored_prompts: int = 0
     eval_prompts: int = 0
     machine_price_per_hour: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
@@ -105,6 +106,7 @@ def summary(result: DemoResult) -> dict[str, Any]:
         "served_versions": result.served_versions,
         "teacher_samples": result.teacher_samples,
         "train_prompts": result.train_prompts,
+        "scored_prompts": result.scored_prompts,
         "eval_prompts": result.eval_prompts,
         "cost_estimate": {
             "label": "estimate: machine price per hour / measured tokens per second",
@@ -205,7 +207,9 @@ def write_report(result: DemoResult, folder: Path) -> dict[str, Any]:
         f"# distillery demo — profile `{result.profile}`",
         "",
         f"Teacher `{result.teacher_model}` distilled into a student ({result.student_recipe}) on grade-school math "
-        f"word problems: {result.train_prompts} training prompts, {result.eval_prompts} held-out prompts, "
+        f"word problems: {result.train_prompts} training prompts answered by the teacher (best-of-n, verified), "
+        f"{result.scored_prompts} worked solutions scored by the teacher (teacher-forced samples), "
+        f"{result.eval_prompts} held-out prompts, "
         f"{result.teacher_samples} teacher samples. Wall time {data['wall_s']} s.",
         "",
         "## Teacher vs student",

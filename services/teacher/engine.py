@@ -93,6 +93,10 @@ class TeacherEngine(Protocol):
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
+    def encode_completion(self, text: str) -> list[int]:
+        """`text` as a completion: its tokens without special tokens, then the end-of-sequence token."""
+        ...
+
     def generate(
         self, prompt: Prompt, sampling: Sampling, request_id: str | None = None, *, stream_interval: int = 1
     ) -> AsyncIterator[Chunk]:
@@ -192,6 +196,11 @@ class VllmTeacherEngine:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    def encode_completion(self, text: str) -> list[int]:
+        ids = list(self._tokenizer.encode(text, add_special_tokens=False))
+        eos = self._tokenizer.eos_token_id
+        return ids + ([int(eos)] if eos is not None else [])
 
     def _params(self, sampling: Sampling, *, detokenize: bool, stream_interval: int) -> Any:
         from vllm import SamplingParams

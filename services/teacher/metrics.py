@@ -22,6 +22,10 @@ GENERATED_TOKENS = Counter(
     "distillery_teacher_generated_tokens_total",
     "Completion tokens the teacher generated (Generate streams and the Kafka pipeline).",
 )
+SCORED_TOKENS = Counter(
+    "distillery_teacher_scored_tokens_total",
+    "Reference-answer tokens the teacher scored for teacher-forced samples (prompt records with score_reference).",
+)
 SAMPLES_PUBLISHED = Counter(
     "distillery_teacher_samples_published_total", "Teacher samples the broker acknowledged on the samples topic."
 )

@@ -29,12 +29,12 @@ from services.common import pb
 from services.common.errors import InvalidArgument
 from services.common.kafka import DeadLetterWriter, ProtoConsumer, ProtoProducer, Received, RecordTooLarge
 from services.teacher import metrics
-from services.teacher.engine import EngineDead, Logprobs, TeacherEngine
+from services.teacher.engine import EngineDead, Logprobs, Prompt, TeacherEngine
 from services.teacher.inputs import render_prompt
 from services.teacher.offsets import PartitionOffsets
 from services.teacher.prompts import validate_prompt_record
 from services.teacher.samples import Completion, build_sample, queue_seconds
-from services.teacher.sampling import Limits, sampling_from_proto
+from services.teacher.sampling import Limits, Sampling, sampling_from_proto
 from services.teacher.settings import TeacherSettings
 
 logger = logging.getLogger(__name__)
@@ -213,6 +213,9 @@ class PromptWorker:
             text_field="text",
         )
         queue_s = queue_seconds(record.timestamp_ms)
+        if prompt_record.score_reference:
+            await self._score_and_publish(prompt_record, prompt, sampling, queue_s)
+            return
         completions = {i: Completion(i, Logprobs(sampling.logprobs)) for i in range(sampling.n)}
         request_id = f"{prompt_record.prompt_id}-{uuid.uuid4().hex[:8]}"
         submitted = time.monotonic()
@@ -224,7 +227,7 @@ class PromptWorker:
             completion.add(chunk, time.monotonic() - submitted)
             if not had_first and completion.first_token_s is not None:
                 metrics.TIME_TO_FIRST_TOKEN.observe(completion.first_token_s)
-        acks = []
+        samples = []
         for completion in completions.values():
             if not completion.text and completion.token_ids:
                 completion.text = self.engine.decode(completion.token_ids)  # the engine skipped detokenizing
@@ -232,12 +235,39 @@ class PromptWorker:
             metrics.GENERATED_TOKENS.inc(tokens)
             if tokens > 1 and completion.first_token_s is not None:
                 metrics.INTER_TOKEN_LATENCY.observe((completion.total_s - completion.first_token_s) / (tokens - 1))
-            sample = build_sample(prompt_record, prompt, completion, sampling, self.engine.info, queue_s)
-            acks.append(self._send(sample))
+            samples.append(build_sample(prompt_record, prompt, completion, sampling, self.engine.info, queue_s))
+        await self._publish(prompt_record.prompt_id, samples)
+
+    async def _score_and_publish(
+        self, prompt_record: pb.common.PromptRecord, prompt: Prompt, sampling: Sampling, queue_s: float
+    ) -> None:
+        """Teacher-forced data: the teacher's top-k logprobs at every token of the reference answer (a prefill)."""
+        if not prompt_record.HasField("reference_answer") or not prompt_record.reference_answer.strip():
+            raise InvalidArgument("reference_answer", "", "score_reference needs a reference answer to score")
+        if sampling.logprobs < 1:
+            raise InvalidArgument("sampling.logprobs", sampling.logprobs, "score_reference needs top-k logprobs")
+        reference = self.engine.encode_completion(prompt_record.reference_answer)
+        limit = self.engine.info.max_model_len
+        if len(prompt.token_ids) + len(reference) > limit:
+            reason = f"prompt + reference exceed the model's context of {limit} tokens"
+            raise InvalidArgument("reference_answer", f"{len(reference)} tokens", reason)
+        started = time.monotonic()
+        logprobs = await self.engine.score([*prompt.token_ids, *reference], len(prompt.token_ids), sampling.logprobs)
+        elapsed = time.monotonic() - started
+        completion = Completion(0, logprobs, token_ids=reference, text=prompt_record.reference_answer,
+                                finish_reason="stop", first_token_s=elapsed, total_s=elapsed)  # fmt: skip
+        sample = build_sample(prompt_record, prompt, completion, sampling, self.engine.info, queue_s)
+        sample.scored_reference = True
+        metrics.SCORED_TOKENS.inc(len(reference))
+        await self._publish(prompt_record.prompt_id, [sample])
+
+    async def _publish(self, prompt_id: str, samples: list[pb.common.TeacherSample]) -> None:
+        """Sends the samples of one prompt and waits until the broker acknowledged every one."""
+        acks = [self._send(sample) for sample in samples]
         try:
             await asyncio.wait_for(asyncio.gather(*acks), self.settings.worker.ack_timeout_s)
         except Exception as exc:
-            raise WorkerFailed(f"samples of prompt {prompt_record.prompt_id!r} were not acknowledged: {exc!r}") from exc
+            raise WorkerFailed(f"samples of prompt {prompt_id!r} were not acknowledged: {exc!r}") from exc
         metrics.SAMPLES_PUBLISHED.inc(len(acks))
 
     def _send(self, sample: pb.common.TeacherSample) -> asyncio.Future[None]:

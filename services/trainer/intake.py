@@ -184,6 +184,7 @@ class Intake:
             metrics.SAMPLES.labels("filtered").inc()
         if (
             self.spec.loss.reference_ce > 0
+            and not sample.scored_reference  # the sample already is the reference (with the teacher's top-k)
             and sample.HasField("reference_answer")
             and (replay or sample.prompt_id not in self.seen_prompts)
             and len(prompt) < max_len - 1

@@ -4,6 +4,7 @@ dead-lettered while the stream goes on, offsets committed only past acknowledged
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from services.common import pb
-from services.common.kafka import ProtoProducer, ensure_topics, schema_headers
+from services.common.kafka import ProtoConsumer, ProtoProducer, ensure_topics, schema_headers
 from services.common.settings import KafkaSettings
 from services.teacher.main import TeacherApp
 from services.teacher.prompts import publish
@@ -168,3 +169,49 @@ async def test_malformed_records_are_dead_lettered_and_the_stream_continues(work
     samples = await asyncio.to_thread(read_topic, kafka, kafka.topic_teacher_samples, pb.common.TeacherSample, 2)
     assert sorted(s.value.prompt_id for s in samples) == ["good-1", "good-2"]
     await _wait_committed(worker_app, await asyncio.to_thread(_end_offsets, kafka, kafka.topic_prompts))
+
+
+async def test_score_reference_records_become_teacher_forced_samples(worker_app: TeacherApp) -> None:
+    """A prompt record with score_reference yields one sample whose completion is the reference, with the teacher's
+    top-k at each of its tokens — the same numbers Score gives for that sequence. Without a reference: dead letter."""
+    kafka = worker_app.settings.kafka
+    engine = worker_app.engine
+    sampling = pb.common.SamplingParams(logprobs=4)
+    good = chat_record("scored-1", "Ann has 3 pens and buys 4 more.", reference_answer="3 + 4 = 7. The answer is 7.",
+                       split=pb.common.SPLIT_TRAIN, sampling=sampling, score_reference=True)  # fmt: skip
+    bad = chat_record("scored-none", "Bo has 2 cups.", sampling=sampling, score_reference=True)
+    await asyncio.to_thread(publish, kafka, [bad, good])
+    samples = await asyncio.to_thread(_read_until, kafka, kafka.topic_teacher_samples, pb.common.TeacherSample,
+                                      lambda v: v.prompt_id == "scored-1")  # fmt: skip
+    (s,) = samples
+    assert s.prompt_id == "scored-1" and s.scored_reference and s.sample_index == 0
+    reference = engine.encode_completion(good.reference_answer)
+    assert list(s.completion_token_ids) == reference and reference[-1] == engine._tokenizer.eos_token_id
+    assert s.completion_text == good.reference_answer and s.finish_reason == pb.common.FINISH_REASON_STOP
+    n, k = len(reference), 4
+    assert s.top_k == k and len(s.sampled_logprobs) == n and len(s.top_ids) == len(s.top_logprobs) == n * k
+    scored = await engine.score([*s.prompt_token_ids, *reference], len(s.prompt_token_ids), k)
+    assert list(s.top_ids) == scored.top_ids
+    assert list(s.sampled_logprobs) == pytest.approx(scored.sampled, abs=1e-4)
+    for i in range(n):
+        row = list(s.top_logprobs[i * k : (i + 1) * k])
+        assert row == sorted(row, reverse=True) and s.sampled_logprobs[i] <= row[0] + 1e-6
+    dead = await asyncio.to_thread(_read_until, kafka, kafka.topic_dead_letters, pb.common.DeadLetter,
+                                   lambda v: b"scored-none" in v.value)  # fmt: skip
+    assert len(dead) == 1 and dead[0].reason.startswith("reference_answer=") and dead[0].error_type == "invalid"
+    # Nothing was published for the record without a reference.
+    assert not [v for v in await asyncio.to_thread(_read_until, kafka, kafka.topic_teacher_samples,
+                pb.common.TeacherSample, lambda v: v.prompt_id == "scored-none", 3.0)]  # fmt: skip
+
+
+def _read_until(kafka: KafkaSettings, topic: str, message_type: type, match: Any, timeout_s: float = 60.0) -> list:
+    """Values of `topic` (from its start, fresh group) that `match`, once at least one is found or at the timeout."""
+    consumer = ProtoConsumer(kafka, topic, message_type, group_id=f"until-{uuid.uuid4().hex}", client_name="reader")
+    found: list = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not found and time.monotonic() < deadline:
+            found.extend(r.value for r in consumer.poll(timeout_s=0.5) if r.value is not None and match(r.value))
+    finally:
+        consumer.close()
+    return found

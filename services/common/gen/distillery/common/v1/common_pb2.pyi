@@ -265,12 +265,18 @@ class PromptRecord(_message.Message):
     SPLIT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    SCORE_REFERENCE_FIELD_NUMBER: _builtins.int
     prompt_id: _builtins.str
     text: _builtins.str
     task: _builtins.str
     """Use case the prompt belongs to, e.g. "math_word_problems"; selects the answer checker."""
     reference_answer: _builtins.str
     split: Global___Split.ValueType
+    score_reference: _builtins.bool
+    """Teacher-forced distillation data: instead of generating, the teacher scores reference_answer (required) as the
+    completion and publishes one sample with its top-k logprobs at every position. A prefill, far cheaper than
+    generating; `sampling.logprobs` sets k, the other sampling fields are unused.
+    """
     @_builtins.property
     def chat(self) -> Global___ChatMessages: ...
     @_builtins.property
@@ -291,10 +297,11 @@ class PromptRecord(_message.Message):
         split: Global___Split.ValueType = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        score_reference: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "chat", b"chat", "content", b"content", "created_at", b"created_at", "reference_answer", b"reference_answer", "sampling", b"sampling", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "chat", b"chat", "content", b"content", "created_at", b"created_at", "metadata", b"metadata", "prompt_id", b"prompt_id", "reference_answer", b"reference_answer", "sampling", b"sampling", "split", b"split", "task", b"task", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "chat", b"chat", "content", b"content", "created_at", b"created_at", "metadata", b"metadata", "prompt_id", b"prompt_id", "reference_answer", b"reference_answer", "sampling", b"sampling", "score_reference", b"score_reference", "split", b"split", "task", b"task", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__reference_answer: _TypeAlias = _typing.Literal["reference_answer"]  # noqa: Y015
     _WhichOneofArgType__reference_answer: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer"]  # noqa: Y015
@@ -367,6 +374,7 @@ class TeacherSample(_message.Message):
     SAMPLE_INDEX_FIELD_NUMBER: _builtins.int
     REFERENCE_ANSWER_FIELD_NUMBER: _builtins.int
     PROMPT_TEXT_FIELD_NUMBER: _builtins.int
+    SCORED_REFERENCE_FIELD_NUMBER: _builtins.int
     sample_id: _builtins.str
     """Deterministic: the same prompt, teacher, sampling and sample_index give the same id."""
     prompt_id: _builtins.str
@@ -382,6 +390,10 @@ class TeacherSample(_message.Message):
     reference_answer: _builtins.str
     prompt_text: _builtins.str
     """The prompt as the model saw it (chat template applied)."""
+    scored_reference: _builtins.bool
+    """The completion is the prompt's reference answer scored by the teacher (PromptRecord.score_reference), not a
+    generated one: sampled_logprobs are the teacher's logprobs of the reference tokens.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -420,10 +432,11 @@ class TeacherSample(_message.Message):
         sample_index: _builtins.int = ...,
         reference_answer: _builtins.str | None = ...,
         prompt_text: _builtins.str = ...,
+        scored_reference: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "reference_answer", b"reference_answer", "sampling", b"sampling", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "completion_text", b"completion_text", "completion_token_ids", b"completion_token_ids", "finish_reason", b"finish_reason", "prompt_id", b"prompt_id", "prompt_text", b"prompt_text", "prompt_token_ids", b"prompt_token_ids", "reference_answer", b"reference_answer", "sample_id", b"sample_id", "sample_index", b"sample_index", "sampled_logprobs", b"sampled_logprobs", "sampling", b"sampling", "split", b"split", "task", b"task", "teacher_model", b"teacher_model", "teacher_revision", b"teacher_revision", "timings", b"timings", "top_ids", b"top_ids", "top_k", b"top_k", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "completion_text", b"completion_text", "completion_token_ids", b"completion_token_ids", "finish_reason", b"finish_reason", "prompt_id", b"prompt_id", "prompt_text", b"prompt_text", "prompt_token_ids", b"prompt_token_ids", "reference_answer", b"reference_answer", "sample_id", b"sample_id", "sample_index", b"sample_index", "sampled_logprobs", b"sampled_logprobs", "sampling", b"sampling", "scored_reference", b"scored_reference", "split", b"split", "task", b"task", "teacher_model", b"teacher_model", "teacher_revision", b"teacher_revision", "timings", b"timings", "top_ids", b"top_ids", "top_k", b"top_k", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__reference_answer: _TypeAlias = _typing.Literal["reference_answer"]  # noqa: Y015
     _WhichOneofArgType__reference_answer: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer"]  # noqa: Y015
