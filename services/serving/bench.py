@@ -69,9 +69,12 @@ def default_student(models_dir: Path, teacher_dir: Path) -> Path:
 
 
 def service_env(config: ServingBenchConfig, model_dir: Path) -> dict[str, str]:
-    """One service for one model: no checkpoint watching, no standby, limits out of the way."""
+    """One service for one model: no checkpoint watching, no standby, limits out of the way. Its registry is an empty
+    folder of its own: serving starts from the newest promoted checkpoint of its registry when there is one, and
+    `home` may hold a real registry (the demo's run folder does)."""
     return {
         "DISTILLERY_HOME": str(config.home),
+        "DISTILLERY_SERVING_REGISTRY_DIR": str(config.home / "bench" / f"empty-registry-{uuid.uuid4().hex[:8]}"),
         "DISTILLERY_SERVING_INITIAL_MODEL": str(model_dir),
         "DISTILLERY_SERVING_WATCH_CHECKPOINTS": "false",
         "DISTILLERY_SERVING_SWAP__STRATEGY": "engine",

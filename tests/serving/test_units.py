@@ -129,3 +129,18 @@ async def test_start_up_prefers_the_newest_promoted_checkpoint_that_verifies(
     (broken.path / "config.json").write_text("{}")  # type: ignore[attr-defined]
     assert [m.version for m in app._candidates()] == [1, 0]
     assert next(iter(app._candidates())).registry_uri.startswith("file://")
+
+
+def test_bench_service_serves_its_model_not_a_promoted_checkpoint(tmp_path: Path) -> None:
+    """The serving bench points each service at an empty registry of its own: serving starts from the newest
+    promoted checkpoint of its registry, and the demo runs the bench in a run folder whose registry has students
+    (measured before this: the "teacher" probes served the promoted student)."""
+    from services.serving.bench import ServingBenchConfig, service_env
+
+    config = ServingBenchConfig(home=tmp_path)
+    env = service_env(config, tmp_path / "teacher")
+    registry_dir = Path(env["DISTILLERY_SERVING_REGISTRY_DIR"])
+    assert registry_dir != tmp_path / "registry" and not registry_dir.exists()
+    assert Registry(registry_dir).promoted_versions() == []
+    assert env["DISTILLERY_SERVING_INITIAL_MODEL"] == str(tmp_path / "teacher")
+    assert service_env(config, tmp_path / "x")["DISTILLERY_SERVING_REGISTRY_DIR"] != str(registry_dir)
