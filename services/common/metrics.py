@@ -39,3 +39,20 @@ def start_metrics_server(host: str, port: int, service: str) -> int:
     BUILD.info({"service": service, "version": pkg_version})
     server, _thread = start_http_server(port, addr=host)
     return int(server.server_port)
+
+
+def read_metrics(url: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """A `/metrics` page as `{"distillery_x_total": 3.0, 'distillery_y_total{result="ok"}': 1.0, ...}` (labels
+    sorted by name); raises `OSError` when the endpoint cannot be read."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
+    return out

@@ -57,39 +57,31 @@ def demo(
         print(json.dumps(summary))
 
 
-def _fmt(value: object, spec: str = ".3f") -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return format(value, spec)
-    return str(value)
-
-
 def _print_summary(console: Console, s: dict, folder: Path) -> None:
+    from services.demo.report import fmt
+
     table = Table(title=f"teacher vs student ({s['profile']} profile, {s['wall_s']} s)")
     for column in ("", "teacher", "student", "ratio", "goal met"):
         table.add_column(column)
     goals = s["goals"]
-    table.add_row("held-out accuracy", _fmt(s["teacher_accuracy"]), _fmt(s["student_accuracy"]),
-                  _fmt(s["accuracy_ratio"]), _fmt(goals["accuracy_ratio_ge_0.968"]))  # fmt: skip
+    table.add_row("held-out accuracy", fmt(s["teacher_accuracy"]), fmt(s["student_accuracy"]),
+                  fmt(s["accuracy_ratio"]), fmt(goals["accuracy_ratio_ge_0.968"]))  # fmt: skip
     table.add_row("parameters", f"{s['teacher_params']:,}", f"{s['student_params']:,}",
-                  f"{_fmt(s['size_ratio'], '.2f')}× fewer", _fmt(goals["size_ratio_ge_7.5"]))  # fmt: skip
-    table.add_row("tokens/s (serving)", _fmt(s["teacher_tokens_per_s"], ".1f"), _fmt(s["student_tokens_per_s"], ".1f"),
-                  f"{_fmt(s['speed_ratio'], '.2f')}×", _fmt(goals["speed_ratio_ge_9.4"]))  # fmt: skip
-    table.add_row("streams ≥ 238 wpm", _fmt(s["teacher_streams_at_target"]), _fmt(s["student_streams_at_target"]),
+                  f"{fmt(s['size_ratio'], '.2f')}× fewer", fmt(goals["size_ratio_ge_7.5"]))  # fmt: skip
+    table.add_row("tokens/s (serving)", fmt(s["teacher_tokens_per_s"], ".1f"), fmt(s["student_tokens_per_s"], ".1f"),
+                  f"{fmt(s['speed_ratio'], '.2f')}×", fmt(goals["speed_ratio_ge_9.4"]))  # fmt: skip
+    table.add_row("streams ≥ 238 wpm", fmt(s["teacher_streams_at_target"]), fmt(s["student_streams_at_target"]),
                   "", "")  # fmt: skip
     console.print(table)
     console.print(
         f"served {s['streams']} streams during training: {s['swaps']} hot-swaps, {s['failed_requests']} failed, "
-        f"{s['streams_below_target']} below 238 wpm (p50 {_fmt(s['stream_wpm_p50'], '.0f')} wpm)"
+        f"{s['streams_below_target']} below 238 wpm (p50 {fmt(s['stream_wpm_p50'], '.0f')} wpm)"
     )
     cost = s["cost_estimate"]
     console.print(
         f"cost estimate per million tokens at ${cost['machine_price_per_hour_usd']}/h: teacher "
-        f"${_fmt(cost['teacher_usd_per_million_tokens'], '.4f')}, student "
-        f"${_fmt(cost['student_usd_per_million_tokens'], '.4f')}"
+        f"${fmt(cost['teacher_usd_per_million_tokens'], '.4f')}, student "
+        f"${fmt(cost['student_usd_per_million_tokens'], '.4f')}"
     )
     for note in s["notes"]:
         console.print(f"note: {note}")

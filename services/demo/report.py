@@ -7,12 +7,12 @@ throughput and a machine price per hour that the user sets.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from services.common.settings import READING_TARGET_WPM
+from services.serving.loadtest import percentile
 
 # Published results the demo reports against (TinyBERT: 96.8% of the teacher at 7.5× smaller, 9.4× faster).
 GOAL_ACCURACY_RATIO = 0.968
@@ -67,14 +67,6 @@ def _cost_per_million(price_per_hour: float, tokens_per_s: float | None) -> floa
     return price_per_hour / (tokens_per_s * 3600) * 1e6
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[index]
-
-
 def summary(result: DemoResult) -> dict[str, Any]:
     """The JSON summary `distillery demo --json` prints last."""
     accuracy_ratio = _ratio(result.student_accuracy, result.teacher_accuracy)
@@ -99,8 +91,8 @@ def summary(result: DemoResult) -> dict[str, Any]:
         "student_streams_at_target": result.student_streams_at_target,
         "streams": result.streams,
         "streams_below_target": len(below),
-        "stream_wpm_p50": _percentile(result.stream_wpm, 50),
-        "stream_wpm_p5": _percentile(result.stream_wpm, 5),
+        "stream_wpm_p50": percentile(result.stream_wpm, 50),
+        "stream_wpm_p5": percentile(result.stream_wpm, 5),
         "swaps": result.swaps,
         "failed_requests": result.failed_requests,
         "served_versions": result.served_versions,
@@ -133,7 +125,7 @@ def summary(result: DemoResult) -> dict[str, Any]:
     return out
 
 
-def _fmt(value: Any, spec: str = ".3f") -> str:
+def fmt(value: Any, spec: str = ".3f") -> str:
     if value is None:
         return "n/a"
     if isinstance(value, bool):
@@ -216,37 +208,37 @@ def write_report(result: DemoResult, folder: Path) -> dict[str, Any]:
         "",
         "| | teacher | student | ratio | goal | met |",
         "|---|---|---|---|---|---|",
-        f"| held-out accuracy | {_fmt(result.teacher_accuracy)} | {_fmt(result.student_accuracy)} | "
-        f"{_fmt(data['accuracy_ratio'])} | ≥ 0.968 (> 1 is the real goal) | {_fmt(goals['accuracy_ratio_ge_0.968'])} |",
-        f"| parameters | {result.teacher_params:,} | {result.student_params:,} | {_fmt(data['size_ratio'], '.2f')}× "
-        f"fewer | ≥ 7.5× | {_fmt(goals['size_ratio_ge_7.5'])} |",
-        f"| tokens/s through serving ({result.speed_concurrency} streams) | {_fmt(result.teacher_tokens_per_s, '.1f')}"
-        f" | {_fmt(result.student_tokens_per_s, '.1f')} | {_fmt(data['speed_ratio'], '.2f')}× | ≥ 9.4× | "
-        f"{_fmt(goals['speed_ratio_ge_9.4'])} |",
-        f"| concurrent streams at ≥ 238 wpm (p50) | {_fmt(result.teacher_streams_at_target)} | "
-        f"{_fmt(result.student_streams_at_target)} | | | |",
+        f"| held-out accuracy | {fmt(result.teacher_accuracy)} | {fmt(result.student_accuracy)} | "
+        f"{fmt(data['accuracy_ratio'])} | ≥ 0.968 (> 1 is the real goal) | {fmt(goals['accuracy_ratio_ge_0.968'])} |",
+        f"| parameters | {result.teacher_params:,} | {result.student_params:,} | {fmt(data['size_ratio'], '.2f')}× "
+        f"fewer | ≥ 7.5× | {fmt(goals['size_ratio_ge_7.5'])} |",
+        f"| tokens/s through serving ({result.speed_concurrency} streams) | {fmt(result.teacher_tokens_per_s, '.1f')}"
+        f" | {fmt(result.student_tokens_per_s, '.1f')} | {fmt(data['speed_ratio'], '.2f')}× | ≥ 9.4× | "
+        f"{fmt(goals['speed_ratio_ge_9.4'])} |",
+        f"| concurrent streams at ≥ 238 wpm (p50) | {fmt(result.teacher_streams_at_target)} | "
+        f"{fmt(result.student_streams_at_target)} | | | |",
         "",
         "## Serving during training",
         "",
         f"{result.streams} client streams were served while the trainer promoted students; {result.swaps} hot-swaps "
         f"(versions served: {result.served_versions}); {result.failed_requests} failed requests "
-        f"(goal 0: {_fmt(goals['zero_failed_requests'])}). Streams below 238 wpm: {data['streams_below_target']} "
-        f"(p50 {_fmt(data['stream_wpm_p50'], '.0f')} wpm, p5 {_fmt(data['stream_wpm_p5'], '.0f')} wpm; every stream ≥ "
-        f"238: {_fmt(goals['every_stream_ge_238_wpm'])}).",
+        f"(goal 0: {fmt(goals['zero_failed_requests'])}). Streams below 238 wpm: {data['streams_below_target']} "
+        f"(p50 {fmt(data['stream_wpm_p50'], '.0f')} wpm, p5 {fmt(data['stream_wpm_p5'], '.0f')} wpm; every stream ≥ "
+        f"238: {fmt(goals['every_stream_ge_238_wpm'])}).",
         "",
         "## Cost per million generated tokens (estimate)",
         "",
         f"At ${cost['machine_price_per_hour_usd']}/hour for this machine and the measured throughput: teacher "
-        f"${_fmt(cost['teacher_usd_per_million_tokens'], '.4f')}, student "
-        f"${_fmt(cost['student_usd_per_million_tokens'], '.4f')} per million tokens. This is an estimate, not a bill.",
+        f"${fmt(cost['teacher_usd_per_million_tokens'], '.4f')}, student "
+        f"${fmt(cost['student_usd_per_million_tokens'], '.4f')} per million tokens. This is an estimate, not a bill.",
         "",
         "## Evaluations",
         "",
         "| step | student accuracy | teacher accuracy | KL | top-1 agreement | perplexity |",
         "|---|---|---|---|---|---|",
         *[
-            f"| {e['step']} | {_fmt(e.get('accuracy'))} | {_fmt(e.get('teacher_accuracy'))} | {_fmt(e.get('kl'))} | "
-            f"{_fmt(e.get('top1_agreement'))} | {_fmt(e.get('perplexity'), '.2f')} |"
+            f"| {e['step']} | {fmt(e.get('accuracy'))} | {fmt(e.get('teacher_accuracy'))} | {fmt(e.get('kl'))} | "
+            f"{fmt(e.get('top1_agreement'))} | {fmt(e.get('perplexity'), '.2f')} |"
             for e in result.evals
         ],
         "",

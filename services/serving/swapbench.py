@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from typing import Any
 import grpc
 
 from services.common import pb
+from services.common.metrics import read_metrics
 from services.common.registry import Checkpoint, Registry
 from services.common.settings import KafkaSettings, distillery_home
 from services.serving.bench import default_student
@@ -110,21 +110,11 @@ def _publish(producer: Any, topic: str, event: pb.common.CheckpointEvent) -> Non
     producer.send(topic, event.run_id, event).get(30)
 
 
-def _scrape(port: int, name: str, labels: dict[str, str]) -> float | None:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return None
-
-
 async def _wait_standby(metrics_port: int, timeout_s: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
-        value = await asyncio.to_thread(_scrape, metrics_port, "distillery_serving_engines", {"role": "standby"})
+        page = await asyncio.to_thread(read_metrics, f"http://127.0.0.1:{metrics_port}/metrics")
+        value = page.get('distillery_serving_engines{role="standby"}')
         if value:
             return time.monotonic() - started
         await asyncio.sleep(0.5)
