@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from services.common.vllm_engine import VllmSettings, engine_args
+from services.common.vllm_engine import VllmSettings, start_async_llm
 
 logger = logging.getLogger(__name__)
 
@@ -144,16 +144,14 @@ class VllmEngine:
     @classmethod
     async def start(cls, model_dir: Path, settings: VllmSettings) -> VllmEngine:
         """Starts an engine for a safetensors model folder (in a thread: the event loop keeps streaming)."""
-        args = engine_args(
+        started = time.perf_counter()
+        llm = await asyncio.to_thread(
+            start_async_llm,
             model_dir,
             settings,
             max_model_len=min(settings.max_model_len, model_context(model_dir) or settings.max_model_len),
             worker_extension_cls=WORKER_EXTENSION,
         )
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        started = time.perf_counter()
-        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         logger.info(
             "engine started", extra={"model": str(model_dir), "seconds": round(time.perf_counter() - started, 2)}
         )

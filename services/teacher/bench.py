@@ -152,14 +152,13 @@ async def _bench_service(
 def _bench_raw_vllm(
     config: BenchConfig, model_dir: Path, vllm: VllmSettings, prompt_ids: list[list[int]], progress: Progress
 ) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from services.common.vllm_engine import engine_kwargs
+    from services.common.vllm_engine import offline_llm
 
     task = progress.add_task("raw vLLM: starting engine", total=len(prompt_ids))
-    llm = LLM(**engine_kwargs(model_dir, vllm))
-    try:
+    with offline_llm(model_dir, vllm) as llm:
         params = SamplingParams(
             temperature=config.temperature,
             max_tokens=config.max_tokens,
@@ -173,10 +172,6 @@ def _bench_raw_vllm(
         elapsed = time.perf_counter() - started
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         progress.update(task, completed=len(prompt_ids), description="raw vLLM: done")
-    finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
     return {"tokens": tokens, "seconds": elapsed}
 
 

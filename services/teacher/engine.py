@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from services.common.errors import InvalidArgument, ServiceError, Unavailable
-from services.common.vllm_engine import VllmSettings, engine_args
+from services.common.vllm_engine import VllmSettings, start_async_llm
 from services.teacher import metrics
 from services.teacher.sampling import Sampling
 
@@ -154,12 +154,10 @@ class VllmTeacherEngine:
     async def start(
         cls, model_dir: Path, settings: VllmSettings, *, name: str, revision: str, parameter_count: int
     ) -> VllmTeacherEngine:
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         from services.common.models import check_safe_folder, load_tokenizer
 
         check_safe_folder(model_dir)
-        llm = AsyncLLM.from_engine_args(engine_args(model_dir, settings))
+        llm = start_async_llm(model_dir, settings)
         model_config = llm.model_config
         info = ModelInfo(
             name=name,

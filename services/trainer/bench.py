@@ -14,7 +14,6 @@ One run, one machine, each phase with the machine to itself:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import time
@@ -77,29 +76,23 @@ def _prompts(tokenizer: Any, n: int, seed: int) -> list[tuple[list[dict[str, str
 def teacher_samples(config: BenchConfig, teacher_dir: Path, log: Log) -> tuple[list[Sample], dict[str, Any]]:
     """Generates the samples with offline vLLM; returns them and the teacher's timing."""
     from services.common.models import load_tokenizer
-    from services.common.vllm_engine import engine_kwargs
+    from services.common.vllm_engine import offline_llm
 
     settings = VllmSettings(
         kv_cache_gib=config.kv_cache_gib, max_num_seqs=128, enforce_eager=config.enforce_eager, seed=config.seed
     )
-    kwargs = engine_kwargs(teacher_dir, settings)
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     prompts = _prompts(load_tokenizer(teacher_dir), config.prompts, config.seed)
     log(f"teacher: starting vLLM on {teacher_dir.name}")
-    llm = LLM(**kwargs)
-    try:
+    with offline_llm(teacher_dir, settings) as llm:
         params = SamplingParams(temperature=config.temperature, max_tokens=config.max_tokens, logprobs=config.top_k)
         llm.generate([TokensPrompt(prompt_token_ids=prompts[0][1])], params, use_tqdm=False)  # warm-up
         log(f"teacher: generating {len(prompts)} completions, top-{config.top_k} logprobs")
         started = time.perf_counter()
         outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in prompts], params, use_tqdm=False)
         elapsed = time.perf_counter() - started
-    finally:
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
     samples = []
     for (messages, ids), out in zip(prompts, outputs, strict=True):
         comp = out.outputs[0]

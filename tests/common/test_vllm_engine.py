@@ -1,0 +1,49 @@
+"""Engine settings → vLLM's environment and arguments (no engine is started here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from services.common.vllm_engine import VllmSettings, cpu_list, engine_kwargs, engine_process_env
+
+
+def test_cpu_list_parses_ranges_and_lists() -> None:
+    assert cpu_list("1") == [1]
+    assert cpu_list("0-2,5") == [0, 1, 2, 5]
+    assert cpu_list("3,1-2,2") == [1, 2, 3]
+
+
+@pytest.mark.parametrize("spec", ["", "a", "1-x", "-1", "0,,1"])
+def test_bad_cpu_bind_is_refused_naming_the_field(spec: str) -> None:
+    with pytest.raises(ValidationError, match="cpu_bind"):
+        VllmSettings(cpu_bind=spec)
+
+
+@pytest.mark.parametrize("executor, flag", [("uni", "0"), ("mp", "1")])
+def test_executor_reaches_vllm(executor: str, flag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "unset")
+    kwargs = engine_kwargs(Path("model"), VllmSettings(executor=executor))  # type: ignore[arg-type]
+    assert kwargs["distributed_executor_backend"] == executor
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == flag
+
+
+def test_uni_engine_process_gets_the_binding_only_while_it_is_spawned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("OMP_PLACES", raising=False)
+    with engine_process_env(VllmSettings(cpu_bind="1")):
+        assert os.environ["OMP_PLACES"] == "{1}"
+        assert os.environ["OMP_PROC_BIND"] == "true"
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert "OMP_PLACES" not in os.environ
+    assert os.environ["OMP_NUM_THREADS"] == "2"
+
+
+@pytest.mark.parametrize("settings", [VllmSettings(), VllmSettings(cpu_bind="0-1", executor="mp")])
+def test_no_binding_when_vllm_binds_or_nothing_is_asked(settings: VllmSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_PLACES", raising=False)
+    with engine_process_env(settings):
+        assert "OMP_PLACES" not in os.environ
