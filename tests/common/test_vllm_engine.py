@@ -43,7 +43,7 @@ def test_uni_engine_process_gets_the_binding_only_while_it_is_spawned(monkeypatc
 
 
 @pytest.mark.parametrize("settings", [VllmSettings(), VllmSettings(cpu_bind="0-1", executor="mp")])
-def test_no_binding_when_vllm_binds_or_nothing_is_asked(settings: VllmSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_binding_when_vllm_binds_or_none_is_asked(settings: VllmSettings, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_PLACES", raising=False)
     with engine_process_env(settings):
         assert "OMP_PLACES" not in os.environ

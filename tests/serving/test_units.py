@@ -144,3 +144,13 @@ def test_bench_service_serves_its_model_not_a_promoted_checkpoint(tmp_path: Path
     assert Registry(registry_dir).promoted_versions() == []
     assert env["DISTILLERY_SERVING_INITIAL_MODEL"] == str(tmp_path / "teacher")
     assert service_env(config, tmp_path / "x")["DISTILLERY_SERVING_REGISTRY_DIR"] != str(registry_dir)
+
+
+def test_standby_engines_leave_a_core_for_the_standby(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert ServingSettings().engine_settings().omp_threads == 3
+    # An explicit thread count, another strategy or a single core: the settings as given.
+    assert ServingSettings(vllm={"omp_threads": 4}).engine_settings().omp_threads == 4
+    assert ServingSettings(swap={"strategy": "engine"}).engine_settings().omp_threads is None
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert ServingSettings().engine_settings().omp_threads is None
