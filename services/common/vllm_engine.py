@@ -81,9 +81,12 @@ def configure_env(settings: VllmSettings) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if settings.executor == "uni" else "1"
     if settings.cpu_bind != "auto" and settings.executor == "mp":
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_bind
-    threads = settings.omp_threads or len(os.sched_getaffinity(0))
-    # vLLM otherwise drops torch to one thread per engine; both cores gave ≈30% more batch throughput here.
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # vLLM otherwise drops torch to one thread per engine; both cores gave ≈30% more batch throughput here. An explicit
+    # `omp_threads` wins over an inherited OMP_NUM_THREADS; without one, an inherited value (a CPU limit) is kept.
+    if settings.omp_threads:
+        os.environ["OMP_NUM_THREADS"] = str(settings.omp_threads)
+    else:
+        os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 def engine_kwargs(model_dir: Path, settings: VllmSettings, **overrides: Any) -> dict[str, Any]:

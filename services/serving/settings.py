@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Literal
 
@@ -65,11 +66,16 @@ class ServingSettings(ServiceSettings):
     swap: SwapSettings = Field(default_factory=SwapSettings)
 
     def engine_settings(self) -> VllmSettings:
-        """The engines' settings. With the `standby` swap strategy and `vllm.omp_threads` unset, each engine gets every
-        core but one: the spare core takes the standby's weight reload and warm-up and the gRPC streams, so a swap
-        does not stall the serving engine's OpenMP team. Measured on 2 cores (`distillery bench swap`): p99
-        inter-token latency during swaps 435 ms with both cores, 24.6 ms with one (steady 31 and 30 ms)."""
+        """The engines' settings. With the `standby` swap strategy, `vllm.omp_threads` unset and no `vllm.cpu_bind`,
+        each engine gets every core but one (cores: this process's CPU affinity, or `OMP_NUM_THREADS` where that is
+        smaller, as the Kubernetes manifests set it from the CPU limit): the spare core takes the standby's weight
+        reload and warm-up and the gRPC streams, so a swap does not stall the serving engine's OpenMP team.
+        Measured on 2 cores (`distillery bench swap`): p99 inter-token latency during swaps 435 ms with both cores,
+        31 ms with one (steady 31 and 28 ms)."""
         cores = len(os.sched_getaffinity(0))
-        if self.vllm.omp_threads is None and self.swap.strategy == "standby" and cores > 1:
+        with contextlib.suppress(ValueError):
+            cores = min(cores, int(os.environ.get("OMP_NUM_THREADS", "")))
+        spare_a_core = self.vllm.omp_threads is None and self.vllm.cpu_bind == "auto" and cores > 1
+        if spare_a_core and self.swap.strategy == "standby":
             return self.vllm.model_copy(update={"omp_threads": cores - 1})
         return self.vllm

@@ -47,3 +47,11 @@ def test_no_binding_when_vllm_binds_or_none_is_asked(settings: VllmSettings, mon
     monkeypatch.delenv("OMP_PLACES", raising=False)
     with engine_process_env(settings):
         assert "OMP_PLACES" not in os.environ
+
+
+def test_explicit_thread_count_wins_over_an_inherited_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    engine_kwargs(Path("model"), VllmSettings())
+    assert os.environ["OMP_NUM_THREADS"] == "4"  # a CPU limit from the environment is kept
+    engine_kwargs(Path("model"), VllmSettings(omp_threads=3))
+    assert os.environ["OMP_NUM_THREADS"] == "3"

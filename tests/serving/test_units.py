@@ -148,9 +148,15 @@ def test_bench_service_serves_its_model_not_a_promoted_checkpoint(tmp_path: Path
 
 def test_standby_engines_leave_a_core_for_the_standby(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert ServingSettings().engine_settings().omp_threads == 3
-    # An explicit thread count, another strategy or a single core: the settings as given.
+    # A CPU limit passed as OMP_NUM_THREADS (the Kubernetes manifests) is the budget when it is smaller.
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert ServingSettings().engine_settings().omp_threads == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    # An explicit thread count or binding, another strategy or a single core: the settings as given.
     assert ServingSettings(vllm={"omp_threads": 4}).engine_settings().omp_threads == 4
+    assert ServingSettings(vllm={"cpu_bind": "0"}).engine_settings().omp_threads is None
     assert ServingSettings(swap={"strategy": "engine"}).engine_settings().omp_threads is None
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert ServingSettings().engine_settings().omp_threads is None
