@@ -220,8 +220,9 @@ def write_report(result: DemoResult, folder: Path) -> dict[str, Any]:
         "",
         "## Serving during training",
         "",
-        f"{result.streams} client streams were served while the trainer promoted students; {result.swaps} hot-swaps "
-        f"(versions served: {result.served_versions}); {result.failed_requests} failed requests "
+        f"{result.streams} client streams were served while the trainer promoted students; {result.swaps} hot-swap"
+        f"{'' if result.swaps == 1 else 's'} (versions served: {result.served_versions}); "
+        f"{result.failed_requests} failed requests "
         f"(goal 0: {fmt(goals['zero_failed_requests'])}). Streams below 238 wpm: {data['streams_below_target']} "
         f"(p50 {fmt(data['stream_wpm_p50'], '.0f')} wpm, p5 {fmt(data['stream_wpm_p5'], '.0f')} wpm; every stream ≥ "
         f"238: {fmt(goals['every_stream_ge_238_wpm'])}).",
