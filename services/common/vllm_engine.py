@@ -15,6 +15,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+# OMP_NUM_THREADS as this process inherited it (a CPU limit, as the Kubernetes manifests set it), read before
+# `configure_env` overwrites it for the engines.
+_INHERITED_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")
+
+
+def cpu_budget() -> int:
+    """Cores this process may use: its CPU affinity, or the inherited OMP_NUM_THREADS where that is smaller."""
+    cores = len(os.sched_getaffinity(0))
+    with contextlib.suppress(TypeError, ValueError):
+        cores = min(cores, max(1, int(_INHERITED_OMP_NUM_THREADS)))  # type: ignore[arg-type]
+    return cores
+
 
 class VllmSettings(BaseModel):
     """Engine settings (nested in a service's settings: `DISTILLERY_TEACHER_VLLM__KV_CACHE_GIB=2`)."""
@@ -154,6 +166,15 @@ def start_async_llm(model_dir: Path, settings: VllmSettings, **overrides: Any) -
 
     with engine_process_env(settings):
         return AsyncLLM.from_engine_args(args)
+
+
+def shutdown_async_llm(llm: Any) -> None:
+    """Stops an `AsyncLLM`'s engine core (blocking, a few seconds: call it in a thread from an event loop).
+
+    `AsyncLLM.__del__` calls shutdown again whenever the object is collected, at interpreter exit against
+    half-torn-down modules (a TypeError on stderr); it has run already, so that second call is made a no-op."""
+    llm.shutdown()
+    llm.shutdown = lambda *args, **kwargs: None
 
 
 @contextlib.contextmanager

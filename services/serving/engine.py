@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from services.common.vllm_engine import VllmSettings, start_async_llm
+from services.common.vllm_engine import VllmSettings, shutdown_async_llm, start_async_llm
 
 logger = logging.getLogger(__name__)
 
@@ -280,4 +280,4 @@ class VllmEngine:
 
     async def shutdown(self) -> None:
         # AsyncLLM.shutdown blocks for seconds while its processes exit: keep the event loop streaming meanwhile.
-        await asyncio.to_thread(self._llm.shutdown)
+        await asyncio.to_thread(shutdown_async_llm, self._llm)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
-from services.common.vllm_engine import VllmSettings
+from services.common.vllm_engine import VllmSettings, cpu_budget
 
 
 class LimitSettings(BaseModel):
@@ -72,9 +70,7 @@ class ServingSettings(ServiceSettings):
         reload and warm-up and the gRPC streams, so a swap does not stall the serving engine's OpenMP team.
         Measured on 2 cores (`distillery bench swap`): p99 inter-token latency during swaps 435 ms with both cores,
         31 ms with one (steady 31 and 28 ms)."""
-        cores = len(os.sched_getaffinity(0))
-        with contextlib.suppress(ValueError):
-            cores = min(cores, int(os.environ.get("OMP_NUM_THREADS", "")))
+        cores = cpu_budget()
         spare_a_core = self.vllm.omp_threads is None and self.vllm.cpu_bind == "auto" and cores > 1
         if spare_a_core and self.swap.strategy == "standby":
             return self.vllm.model_copy(update={"omp_threads": cores - 1})

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from services.common.errors import InvalidArgument, ServiceError, Unavailable
-from services.common.vllm_engine import VllmSettings, start_async_llm
+from services.common.vllm_engine import VllmSettings, shutdown_async_llm, start_async_llm
 from services.teacher import metrics
 from services.teacher.sampling import Sampling
 
@@ -303,12 +303,7 @@ class VllmTeacherEngine:
         with contextlib.suppress(asyncio.CancelledError):
             await self._watchdog
         llm, self._llm = self._llm, _Stopped()
-        # Stops the engine core process (blocking, a few seconds).
-        await asyncio.to_thread(llm.shutdown)
-        # AsyncLLM.__del__ calls shutdown again whenever the object is collected, at interpreter exit against
-        # half-torn-down modules (a TypeError on stderr); it has already run.
-        llm.shutdown = lambda *args, **kwargs: None
-        del llm
+        await asyncio.to_thread(shutdown_async_llm, llm)
 
 
 class _Stopped:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from prometheus_client import REGISTRY
 from services.common import pb
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.registry import Registry
+from services.common.vllm_engine import configure_env
 from services.serving.metrics import BELOW_TARGET_GRACE_S, StreamMeter, count_words
 from services.serving.servicer import prompt_from_request, sampling_from_proto
 from services.serving.settings import LimitSettings, ServingSettings
@@ -148,12 +150,18 @@ def test_bench_service_serves_its_model_not_a_promoted_checkpoint(tmp_path: Path
 
 def test_standby_engines_leave_a_core_for_the_standby(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("services.common.vllm_engine._INHERITED_OMP_NUM_THREADS", None)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert ServingSettings().engine_settings().omp_threads == 3
+    # configure_env writes the engines' OMP_NUM_THREADS; a second app in this process still gets 3, not 2.
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    configure_env(ServingSettings().engine_settings())
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+    assert ServingSettings().engine_settings().omp_threads == 3
     # A CPU limit passed as OMP_NUM_THREADS (the Kubernetes manifests) is the budget when it is smaller.
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr("services.common.vllm_engine._INHERITED_OMP_NUM_THREADS", "2")
     assert ServingSettings().engine_settings().omp_threads == 1
-    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("services.common.vllm_engine._INHERITED_OMP_NUM_THREADS", None)
     # An explicit thread count or binding, another strategy or a single core: the settings as given.
     assert ServingSettings(vllm={"omp_threads": 4}).engine_settings().omp_threads == 4
     assert ServingSettings(vllm={"cpu_bind": "0"}).engine_settings().omp_threads is None
