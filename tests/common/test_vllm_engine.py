@@ -55,3 +55,12 @@ def test_explicit_thread_count_wins_over_an_inherited_one(monkeypatch: pytest.Mo
     assert os.environ["OMP_NUM_THREADS"] == "4"  # a CPU limit from the environment is kept
     engine_kwargs(Path("model"), VllmSettings(omp_threads=3))
     assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_compile_cache_that_loads_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    engine_kwargs(Path("model"), VllmSettings())
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"  # the AOT cache never loads on CPU: a recompile per start
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    engine_kwargs(Path("model"), VllmSettings())
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"  # an explicit choice is kept
