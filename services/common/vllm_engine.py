@@ -75,7 +75,7 @@ def cpu_list(spec: str) -> list[int]:
             first, _, last = part.strip().partition("-")
             cpus.extend(range(int(first), int(last or first) + 1))
     except ValueError:
-        raise ValueError(f"cpu_bind={spec!r} is not 'auto', 'nobind' or a list of cores such as '1' or '0-3'") from None
+        raise ValueError(f"cpu_bind={spec!r} is not a list of cores such as '1', '0-3' or '0,2'") from None
     if not cpus or min(cpus) < 0:
         raise ValueError(f"cpu_bind={spec!r} names no cores")
     return sorted(set(cpus))

@@ -129,9 +129,9 @@ class Demo:
     def start_services(self, bootstrap: str, teacher_dir: Path) -> dict[str, ServiceProcess]:
         p = self.profile
         # vLLM's automatic binding pins every engine to the same core (core 0 on a 2-core machine): the teacher was
-        # measured taking over 2 minutes for a batch that takes 2.2 s alone. Each engine gets its own core instead
-        # (the last and the first this process may use); the trainer floats.
-        cpus = sorted(os.sched_getaffinity(0))
+        # measured taking over 2 minutes for a batch that takes 2.2 s alone. The services get cores of their own
+        # instead (see `core_layout`).
+        cores = core_layout(sorted(os.sched_getaffinity(0)))
         common = {
             "DISTILLERY_HOME": str(self.home),
             "DISTILLERY_KAFKA_BOOTSTRAP": bootstrap,
@@ -149,19 +149,20 @@ class Demo:
                 "DISTILLERY_TEACHER_VLLM__KV_CACHE_GIB": str(p.kv_cache_gib),
                 "DISTILLERY_TEACHER_VLLM__MAX_MODEL_LEN": "1024",
                 "DISTILLERY_TEACHER_MAX_N": str(max(p.samples_per_prompt, 1)),
-                "DISTILLERY_TEACHER_VLLM__CPU_BIND": str(cpus[-1]),
+                "DISTILLERY_TEACHER_VLLM__CPU_BIND": cores["teacher"],
             },
             "trainer": {
                 "DISTILLERY_TRAINER_TEACHER_MODEL": str(teacher_dir),
                 "DISTILLERY_TRAINER_TORCH_THREADS": str(p.trainer_threads),
                 "DISTILLERY_TRAINER_BATCH_WAIT_S": str(p.batch_wait_s),
+                "DISTILLERY_TRAINER_CPU_BIND": cores["trainer"],
             },
             "serving": {
                 "DISTILLERY_SERVING_INITIAL_MODEL": str(teacher_dir),
                 "DISTILLERY_SERVING_VLLM__ENFORCE_EAGER": str(p.enforce_eager or p.serving_enforce_eager).lower(),
                 "DISTILLERY_SERVING_VLLM__KV_CACHE_GIB": str(p.kv_cache_gib),
                 "DISTILLERY_SERVING_VLLM__MAX_MODEL_LEN": "1024",
-                "DISTILLERY_SERVING_VLLM__CPU_BIND": str(cpus[0]),
+                "DISTILLERY_SERVING_VLLM__CPU_BIND": cores["serving"],
             },
         }
         procs = {}
@@ -172,7 +173,7 @@ class Demo:
             service_env = {**common, **env[name], f"{prefix}HOME": str(self.run_dir),
                            f"{prefix}REGISTRY_DIR": str(self.registry.root),
                            f"{prefix}MODELS_DIR": str(self.home / "models"), f"{prefix}LOG_FORMAT": "json"}  # fmt: skip
-            nice = 0 if name == "trainer" else p.engines_nice
+            nice = p.teacher_nice if name == "teacher" else 0
             log = self.run_dir / "logs" / f"{name}.log"
             procs[name] = self.group.add(ServiceProcess(name, service_env, log, nice=nice))
             procs[name].start()
@@ -209,15 +210,18 @@ class Demo:
 
         generated = [record(problem, sampling_train) for problem in train[: p.train_prompts]]
         scored = [record(problem, sampling_scored, scored=True) for problem in train[p.train_prompts :]]
-        # Held-out prompts first (the trainer evaluates once it has them all), then the generated ones spread evenly
-        # among the scored ones, so the trainer sees both kinds from the start.
+        # The generated prompts spread evenly among the scored ones, so the trainer sees both kinds from the start.
         every = max(1, -(-(len(generated) + len(scored)) // max(1, len(generated))))
         mixed: list[pb.common.PromptRecord] = []
         for i, scored_record in enumerate(scored):
             if i % every == 0 and generated:
                 mixed.append(generated.pop(0))
             mixed.append(scored_record)
-        records = [record(problem, sampling_eval) for problem in held_out] + mixed + generated
+        mixed += generated
+        # The held-out prompts go after the first couple of hundred training ones: the trainer starts within seconds
+        # instead of idling while the teacher answers the held-out problems, and has those before its first evaluation.
+        head = min(len(mixed), p.scored_prompts // 30)
+        records = mixed[:head] + [record(problem, sampling_eval) for problem in held_out] + mixed[head:]
         publish(KafkaSettings(bootstrap=bootstrap), records)
         self.result.scored_prompts = len(scored)
         self.result.train_prompts, self.result.eval_prompts = p.train_prompts, len(held_out)
@@ -383,6 +387,20 @@ class Demo:
             self.console.log(f"stopped services: {codes}")
         if self._started_broker:
             broker.stop(self.run_dir)
+
+
+def core_layout(cpus: list[int]) -> dict[str, str]:
+    """Cores for each service of the pipeline (`cpu_bind` values; "" leaves the trainer unpinned).
+
+    On 2 cores the trainer gets one to itself and the two vLLM engines share the other, serving ahead of the teacher
+    (the teacher runs at a higher niceness). Measured before: with the trainer floating beside an engine on each core
+    it trained at ≈60% of its speed alone, and training steps, not teacher samples, bound the student's accuracy
+    (see the README). From 3 cores each engine gets one and the trainer the rest."""
+    if len(cpus) >= 3:
+        return {"teacher": str(cpus[-1]), "serving": str(cpus[-2]), "trainer": ",".join(map(str, cpus[:-2]))}
+    if len(cpus) == 2:
+        return {"teacher": str(cpus[1]), "serving": str(cpus[1]), "trainer": str(cpus[0])}
+    return {"teacher": str(cpus[0]), "serving": str(cpus[0]), "trainer": ""}
 
 
 def _describe(recipe: pb.trainer.StudentRecipe) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from services.common import pb
@@ -16,6 +17,7 @@ from services.common.kafka import ProtoProducer, ensure_topics
 from services.common.logs import setup_logging
 from services.common.models import resolve_model
 from services.common.registry import Registry
+from services.common.vllm_engine import cpu_list
 from services.trainer.loop import torch_threads
 from services.trainer.runs import RunManager
 from services.trainer.servicer import TrainerServicer
@@ -68,6 +70,14 @@ class TrainerApp:
 async def run(settings: TrainerSettings) -> None:
     """`distillery trainer serve`: runs until SIGTERM/SIGINT."""
     setup_logging("trainer", settings.log_level, settings.log_format)
+    if settings.cpu_bind:
+        # Before torch starts its thread pool and the intake and gRPC threads start: they inherit the affinity.
+        try:
+            os.sched_setaffinity(0, cpu_list(settings.cpu_bind))
+        except OSError as exc:
+            allowed = sorted(os.sched_getaffinity(0))
+            raise ValueError(f"cpu_bind={settings.cpu_bind!r}: not cores this process may use {allowed}") from exc
+        logger.info("pinned", extra={"cpus": sorted(os.sched_getaffinity(0))})
     app = await TrainerApp.create(settings)
     try:
         await app.start()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.models import DEFAULT_TEACHER
 from services.common.settings import ServiceSettings
+from services.common.vllm_engine import cpu_list
 
 CONSUMER_GROUP_PREFIX = "distillery-trainer"
 
@@ -25,6 +26,10 @@ class TrainerSettings(ServiceSettings):
     models folder (the default teacher is prepared on first use) or a Hugging Face-format folder."""
     torch_threads: int = Field(0, ge=0, le=1024)
     """Threads torch uses for training; 0 = every core this process may use."""
+    cpu_bind: str = ""
+    """Cores the trainer process is pinned to at start-up ("0", "2-3", "0,2"); empty: wherever the OS puts it. With
+    `torch_threads` 0 the trainer then uses one thread per pinned core. Lets a trainer that shares a small machine
+    with vLLM engines keep a core of its own (the demo does this on 2 cores)."""
     compile: bool = False
     """`torch.compile` the student's decoder for training steps (inductor, dynamic shapes): fewer, fused kernels
     after a one-off compile of a minute or two; needs a C++ compiler in the image. Evaluation stays eager."""
@@ -44,6 +49,13 @@ class TrainerSettings(ServiceSettings):
     of every item it trained), so what a checkpoint was trained on can be traced back to the samples topic."""
     announce_timeout_s: float = Field(30.0, gt=0, le=600)
     """Longest wait for the broker to acknowledge a checkpoint event."""
+
+    @field_validator("cpu_bind")
+    @classmethod
+    def _cpu_list(cls, value: str) -> str:
+        if value:
+            cpu_list(value)
+        return value
 
     @property
     def runs_dir(self) -> Path:
