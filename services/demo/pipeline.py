@@ -173,7 +173,7 @@ class Demo:
             service_env = {**common, **env[name], f"{prefix}HOME": str(self.run_dir),
                            f"{prefix}REGISTRY_DIR": str(self.registry.root),
                            f"{prefix}MODELS_DIR": str(self.home / "models"), f"{prefix}LOG_FORMAT": "json"}  # fmt: skip
-            nice = p.teacher_nice if name == "teacher" else 0
+            nice = p.serving_nice if name == "serving" else 0
             log = self.run_dir / "logs" / f"{name}.log"
             procs[name] = self.group.add(ServiceProcess(name, service_env, log, nice=nice))
             procs[name].start()
@@ -210,18 +210,17 @@ class Demo:
 
         generated = [record(problem, sampling_train) for problem in train[: p.train_prompts]]
         scored = [record(problem, sampling_scored, scored=True) for problem in train[p.train_prompts :]]
-        # The generated prompts spread evenly among the scored ones, so the trainer sees both kinds from the start.
+        # The generated prompts are spread evenly among the scored ones, so the trainer sees both kinds from the start.
         every = max(1, -(-(len(generated) + len(scored)) // max(1, len(generated))))
         mixed: list[pb.common.PromptRecord] = []
         for i, scored_record in enumerate(scored):
             if i % every == 0 and generated:
                 mixed.append(generated.pop(0))
             mixed.append(scored_record)
-        mixed += generated
-        # The held-out prompts go after the first couple of hundred training ones: the trainer starts within seconds
-        # instead of idling while the teacher answers the held-out problems, and has those before its first evaluation.
-        head = min(len(mixed), p.scored_prompts // 30)
-        records = mixed[:head] + [record(problem, sampling_eval) for problem in held_out] + mixed[head:]
+        # Held-out prompts first: the trainer evaluates once it has them all, and behind even a few hundred scored
+        # prompts the teacher's greedy answers trickle out over its next 2,000 samples (measured: the first
+        # evaluation then came after 500 steps instead of the first 175).
+        records = [record(problem, sampling_eval) for problem in held_out] + mixed + generated
         publish(KafkaSettings(bootstrap=bootstrap), records)
         self.result.scored_prompts = len(scored)
         self.result.train_prompts, self.result.eval_prompts = p.train_prompts, len(held_out)
@@ -392,14 +391,14 @@ class Demo:
 def core_layout(cpus: list[int]) -> dict[str, str]:
     """Cores for each service of the pipeline (`cpu_bind` values; "" leaves the trainer unpinned).
 
-    On 2 cores the trainer gets one to itself and the two vLLM engines share the other, serving ahead of the teacher
-    (the teacher runs at a higher niceness). Measured before: with the trainer floating beside an engine on each core
-    it trained at ≈60% of its speed alone, and training steps, not teacher samples, bound the student's accuracy
-    (see the README). From 3 cores each engine gets one and the trainer the rest."""
+    On 2 cores the teacher gets one to itself and the trainer shares the other with serving, which runs at a
+    higher niceness (`Profile.serving_nice`). Measured on 2 cores: with the trainer floating it trained at ≈60% of
+    its speed alone; with the two engines sharing a core instead, the teacher published ≈2 samples/s and starved the
+    trainer. From 3 cores each engine gets one and the trainer the rest."""
     if len(cpus) >= 3:
         return {"teacher": str(cpus[-1]), "serving": str(cpus[-2]), "trainer": ",".join(map(str, cpus[:-2]))}
     if len(cpus) == 2:
-        return {"teacher": str(cpus[1]), "serving": str(cpus[1]), "trainer": str(cpus[0])}
+        return {"teacher": str(cpus[1]), "serving": str(cpus[0]), "trainer": str(cpus[0])}
     return {"teacher": str(cpus[0]), "serving": str(cpus[0]), "trainer": ""}
 
 

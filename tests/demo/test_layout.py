@@ -7,8 +7,8 @@ from services.demo.pipeline import core_layout
 from services.trainer.settings import TrainerSettings
 
 
-def test_two_cores_give_the_trainer_one_of_its_own() -> None:
-    assert core_layout([0, 1]) == {"teacher": "1", "serving": "1", "trainer": "0"}
+def test_two_cores_give_the_teacher_one_of_its_own() -> None:
+    assert core_layout([0, 1]) == {"teacher": "1", "serving": "0", "trainer": "0"}
 
 
 def test_more_cores_give_each_engine_one_and_the_trainer_the_rest() -> None:
