@@ -189,7 +189,7 @@ class Demo:
         held_out = self.task.generate(p.eval_prompts, seed=p.seed + 1, split="eval", difficulty=p.difficulty)
         return train, held_out
 
-    def publish(self, bootstrap: str, train: list[Problem], held_out: list[Problem]) -> None:
+    def publish(self, bootstrap: str, train: list[Problem], held_out: list[Problem], teacher: ServiceProcess) -> None:
         from services.teacher.prompts import problem_record, publish
 
         p = self.profile
@@ -217,13 +217,33 @@ class Demo:
             if i % every == 0 and generated:
                 mixed.append(generated.pop(0))
             mixed.append(scored_record)
-        # Held-out prompts first: the trainer evaluates once it has them all, and behind even a few hundred scored
-        # prompts the teacher's greedy answers trickle out over its next 2,000 samples (measured: the first
-        # evaluation then came after 500 steps instead of the first 175).
-        records = [record(problem, sampling_eval) for problem in held_out] + mixed + generated
-        publish(KafkaSettings(bootstrap=bootstrap), records)
+        # The held-out prompts go first, and the training ones only once the teacher has answered them all: the trainer
+        # evaluates once it has every held-out answer, and with scored prompts in the same batches the teacher's greedy
+        # answers trickled out over its next 2,000 samples (measured: no evaluation before step 500 of 640).
+        kafka = KafkaSettings(bootstrap=bootstrap)
+        publish(kafka, [record(problem, sampling_eval) for problem in held_out])
+        self.wait_for_samples(teacher, len(held_out))
+        publish(kafka, mixed + generated)
         self.result.scored_prompts = len(scored)
         self.result.train_prompts, self.result.eval_prompts = p.train_prompts, len(held_out)
+
+    def wait_for_samples(self, teacher: ServiceProcess, count: int, timeout_s: float = 600.0) -> None:
+        """Polls the teacher's metrics until it has published `count` samples (or the timeout, noted in the report)."""
+        deadline = time.monotonic() + timeout_s
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=self.console) as bars:  # fmt: skip
+            task = bars.add_task("teacher answers the held-out problems", total=count)
+            while True:
+                self.group.check_alive()
+                published = scrape(teacher.metrics_url).get("distillery_teacher_samples_published_total", 0.0)
+                bars.update(task, completed=min(published, count))
+                if published >= count:
+                    return
+                if time.monotonic() > deadline:
+                    self.result.notes.append(f"the teacher had answered {published:.0f} of {count} held-out problems "
+                                             f"after {timeout_s:.0f}s; training prompts published anyway")  # fmt: skip
+                    return
+                time.sleep(0.5)
 
     def run_spec(self) -> pb.trainer.RunSpec:
         from services.trainer.recipes import default_run_spec
@@ -366,9 +386,9 @@ class Demo:
                 teacher_dir = self.teacher_dir()
             with self.phase("services", "starting teacher, trainer and serving (vLLM engines take a while)"):
                 procs = self.start_services(bootstrap, teacher_dir)
-            with self.phase("prompts", "publishing prompts"):
+            with self.phase("prompts", "publishing prompts (the teacher answers the held-out ones first)"):
                 train, held_out = self.problems()
-                self.publish(bootstrap, train, held_out)
+                self.publish(bootstrap, train, held_out, procs["teacher"])
             start = time.monotonic()
             watch = self.distil(procs, held_out)
             self.result.phases["distil"] = time.monotonic() - start
@@ -391,10 +411,10 @@ class Demo:
 def core_layout(cpus: list[int]) -> dict[str, str]:
     """Cores for each service of the pipeline (`cpu_bind` values; "" leaves the trainer unpinned).
 
-    On 2 cores the teacher gets one to itself and the trainer shares the other with serving, which runs at a
-    higher niceness (`Profile.serving_nice`). Measured on 2 cores: with the trainer floating it trained at ≈60% of
-    its speed alone; with the two engines sharing a core instead, the teacher published ≈2 samples/s and starved the
-    trainer. From 3 cores each engine gets one and the trainer the rest."""
+    On 2 cores the teacher gets one to itself and the trainer shares the other with serving. Measured on 2 cores:
+    with the trainer floating it trained at ≈60% of its speed alone; with the two engines sharing a core instead,
+    the teacher published ≈2 samples/s and starved the trainer. From 3 cores each engine gets one and the trainer
+    the rest."""
     if len(cpus) >= 3:
         return {"teacher": str(cpus[-1]), "serving": str(cpus[-2]), "trainer": ",".join(map(str, cpus[:-2]))}
     if len(cpus) == 2:

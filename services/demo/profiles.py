@@ -57,9 +57,9 @@ class Profile:
     loss: pb.trainer.LossSpec | None = None
     #: Torch threads of the trainer; 0: one per core it is pinned to (see `core_layout`: 1 on 2 cores).
     trainer_threads: int = 0
-    #: Niceness of serving, which shares the trainer's core on 2 cores: the trainer gets ≈3/4 of the core while
-    #: serving streams, and the streams still stay above 238 wpm (measured p5 537 wpm at 5).
-    serving_nice: int = 5
+    #: Niceness of serving, which shares the trainer's core on 2 cores. At 5 the pinned trainer left serving too
+    #: little while it still served the teacher: 18 of 650 streams fell below 238 wpm (p5 249). At 0 they share it.
+    serving_nice: int = 0
     #: How long the trainer waits for a full batch before training a partial one (the teacher publishes in bursts).
     batch_wait_s: float = 30.0
     student: pb.trainer.StudentRecipe = field(default_factory=pb.trainer.StudentRecipe)
@@ -139,9 +139,9 @@ DEFAULT = Profile(
     # samples, and small batches get there in less time. Measured offline on the worked solutions, 1 thread:
     # batch 32 reached 0.21 held-out accuracy after 300 steps (9,600 samples, 497 s) and 0.59 after 450; batch 16
     # 0.57 after 600 steps (9,600 samples, 527 s) and 0.95 after 900; batch 8 0.61 after 1,000 steps (477 s).
-    max_steps=640,
+    max_steps=520,
     batch_size=16,
-    eval_every_steps=160,
+    eval_every_steps=130,
     learning_rate=1e-3,
     # The trainer takes samples ≈3× faster than the teacher scores them: each is trained on up to 5 times, fewest
     # uses first.
@@ -163,7 +163,7 @@ DEFAULT = Profile(
     loss=pb.trainer.LossSpec(forward_kl=1.0, cross_entropy=1.0, reference_ce=0.0, temperature=1.0),
     # Promote each checkpoint that beats the one served and reaches half of the teacher's accuracy.
     gate=pb.trainer.GateSpec(min_accuracy_ratio=0.5, must_beat_promoted=True, min_accuracy=0.0),
-    time_budget_s=800.0,
+    time_budget_s=760.0,
 )
 
 FULL = replace(
