@@ -1,0 +1,56 @@
+"""`bench_model`'s choice of probes, with the serving process and the load generator replaced (no engine here)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.serving import bench
+from services.serving.bench import ServingBenchConfig, bench_model
+from services.serving.loadtest import LoadtestConfig
+
+
+class _Result:
+    def __init__(self, config: LoadtestConfig) -> None:
+        self.config = config
+        self.streams: list[Any] = []
+
+    def summary(self) -> dict[str, Any]:
+        c = self.config.concurrency
+        # Readers keep up to 8 streams; fixed-length streams report more tokens/s, so the test can tell them apart.
+        return {"concurrency": c, "wpm_p50": 1000.0 if c <= 8 else 100.0, "wpm_p10": 0.0,
+                "tokens_per_s": 10.0 * c + (0.5 if self.config.ignore_eos else 0.0), "ttft_ms_p50": 0.0,
+                "itl_ms_p50": 0.0, "itl_ms_p99": 0.0, "failed": 0, "streams": c}  # fmt: skip
+
+
+@pytest.mark.parametrize("stop_at_eos", [False, True])
+def test_capacity_probes_end_with_the_answer_and_tokens_per_s_are_fixed_length(
+    stop_at_eos: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[LoadtestConfig] = []
+
+    @contextlib.asynccontextmanager
+    async def fake_process(env: dict[str, str], log: Path) -> AsyncIterator[str]:
+        yield "127.0.0.1:1"
+
+    async def fake_loadtest(config: LoadtestConfig) -> _Result:
+        calls.append(config)
+        return _Result(config)
+
+    monkeypatch.setattr(bench, "serving_process", fake_process)
+    monkeypatch.setattr(bench, "run_loadtest", fake_loadtest)
+    config = ServingBenchConfig(home=tmp_path, probe_s=0.1, start_concurrency=2, max_concurrency=64,
+                                capacity_stop_at_eos=stop_at_eos)  # fmt: skip
+    out = asyncio.run(bench_model(config, "student", tmp_path / "model", budget_s=30.0, equal_at=4))
+    assert out["streams_at_target"] == 8
+    search = calls[:-1] if stop_at_eos else calls
+    assert all(c.ignore_eos is not stop_at_eos for c in search)
+    # Tokens/s at the equal concurrency always come from a fixed-length probe at that concurrency.
+    assert out["tokens_per_s_at_equal_concurrency"] == 40.5
+    if stop_at_eos:
+        assert calls[-1].concurrency == 4 and calls[-1].ignore_eos
