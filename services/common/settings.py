@@ -23,6 +23,20 @@ TOPIC_DEAD_LETTERS = "distillery.dead-letters.v1"
 READING_TARGET_WPM = 238.0
 
 
+def cpu_list(spec: str) -> list[int]:
+    """ "0-2,5" -> [0, 1, 2, 5]; a ValueError naming the spec when it is not such a list."""
+    cpus: list[int] = []
+    try:
+        for part in spec.split(","):
+            first, _, last = part.strip().partition("-")
+            cpus.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(f"cpu_bind={spec!r} is not a list of cores such as '1', '0-3' or '0,2'") from None
+    if not cpus or min(cpus) < 0:
+        raise ValueError(f"cpu_bind={spec!r} names no cores")
+    return sorted(set(cpus))
+
+
 def distillery_home() -> Path:
     """Local state (models, registry, embedded broker, demo runs): `$DISTILLERY_HOME`, else `./.distillery`."""
     return Path(os.environ.get("DISTILLERY_HOME", ".distillery")).resolve()

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from services.common.settings import cpu_list
+
 # OMP_NUM_THREADS as this process inherited it (a CPU limit, as the Kubernetes manifests set it), read before
 # `configure_env` overwrites it for the engines.
 _INHERITED_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")
@@ -63,22 +65,13 @@ class VllmSettings(BaseModel):
     @classmethod
     def _cpu_list(cls, value: str) -> str:
         if value not in ("auto", "nobind"):
-            cpu_list(value)
+            try:
+                cpu_list(value)
+            except ValueError:
+                raise ValueError(
+                    f"cpu_bind={value!r} is not 'auto', 'nobind' or a list of cores such as '1', '0-3' or '0,2'"
+                ) from None
         return value
-
-
-def cpu_list(spec: str) -> list[int]:
-    """ "0-2,5" -> [0, 1, 2, 5]; a ValueError naming the spec when it is not such a list."""
-    cpus: list[int] = []
-    try:
-        for part in spec.split(","):
-            first, _, last = part.strip().partition("-")
-            cpus.extend(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise ValueError(f"cpu_bind={spec!r} is not a list of cores such as '1', '0-3' or '0,2'") from None
-    if not cpus or min(cpus) < 0:
-        raise ValueError(f"cpu_bind={spec!r} names no cores")
-    return sorted(set(cpus))
 
 
 def configure_env(settings: VllmSettings) -> None:

@@ -162,9 +162,13 @@ async def bench_model(
         # The search gets its share of the remaining time; the equal-concurrency probe comes after it.
         best, probes = await capacity_search(probe, config.start_concurrency, config.max_concurrency, deadline)
         at = equal_at if equal_at is not None else best
-        same = next((p for p in probes if p["concurrency"] == at), None) if at else None
-        if at and (same is None or config.capacity_stop_at_eos):
-            same = await probe(at, fixed_length=True)
+        same = None
+        if at:
+            # A search probe at that concurrency serves when it was fixed-length too.
+            if not config.capacity_stop_at_eos:
+                same = next((p for p in probes if p["concurrency"] == at), None)
+            if same is None:
+                same = await probe(at, fixed_length=True)
     ratios = [p["words_per_token"] for p in probes if p.get("words_per_token")]
     return {
         "model": str(model_dir),

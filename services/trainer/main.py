@@ -17,7 +17,7 @@ from services.common.kafka import ProtoProducer, ensure_topics
 from services.common.logs import setup_logging
 from services.common.models import resolve_model
 from services.common.registry import Registry
-from services.common.vllm_engine import cpu_list
+from services.common.settings import cpu_list
 from services.trainer.loop import torch_threads
 from services.trainer.runs import RunManager
 from services.trainer.servicer import TrainerServicer

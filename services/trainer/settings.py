@@ -8,8 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.models import DEFAULT_TEACHER
-from services.common.settings import ServiceSettings
-from services.common.vllm_engine import cpu_list
+from services.common.settings import ServiceSettings, cpu_list
 
 CONSUMER_GROUP_PREFIX = "distillery-trainer"
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from services.common.vllm_engine import VllmSettings, cpu_list, engine_kwargs, engine_process_env
+from services.common.settings import cpu_list
+from services.common.vllm_engine import VllmSettings, engine_kwargs, engine_process_env
 
 
 def test_cpu_list_parses_ranges_and_lists() -> None:
