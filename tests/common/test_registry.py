@@ -41,6 +41,19 @@ def test_write_verify_and_versions(tmp_path: Path) -> None:
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+def test_checkpoints_are_readable_by_other_users(tmp_path: Path) -> None:
+    """safetensors writes 0600; the trainer and the serving service may run as different users."""
+    staged = _stage(Registry(tmp_path))
+    (staged / "model.safetensors").chmod(0o600)
+    (staged / "sub").mkdir(mode=0o700)
+    (staged / "sub" / "state.safetensors").write_bytes((staged / "model.safetensors").read_bytes())
+    ckpt = Registry(tmp_path).write(staged, run_id="r", step=1, parameter_count=16)
+    modes = {p.relative_to(ckpt.path).as_posix(): p.stat().st_mode & 0o777 for p in ckpt.path.rglob("*")}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644, "sub": 0o755,
+                     "sub/state.safetensors": 0o644, "manifest.json": 0o644}  # fmt: skip
+    assert ckpt.path.stat().st_mode & 0o777 == 0o755
+
+
 def test_promotions(tmp_path: Path) -> None:
     registry = Registry(tmp_path)
     a, b = _write(registry), _write(registry)
