@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -70,12 +71,39 @@ def bench(
     budget_s: Annotated[float, typer.Option(min=10, help="Time for both capacity searches.")] = 1500.0,
     temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature of every stream.")] = 0.0,
     max_tokens: Annotated[int, typer.Option(min=8, help="Tokens per stream.")] = 128,
+    student: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, file_okay=False, help="Student model folder (default: the default student, untrained)."
+        ),
+    ] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(exists=True, file_okay=False, help="Teacher model folder (default: the packaged teacher)."),
+    ] = None,
+    stop_at_eos: Annotated[
+        bool,
+        typer.Option(help="Capacity probes end each stream with the model's answer (for trained models)."),
+    ] = False,
 ) -> None:
     """`distillery bench serving`: streams at the 238 wpm reading target, student vs teacher, through the service."""
-    from services.serving.bench import default_config, run_serving_bench
+    from services.common.models import ModelError
+    from services.serving.bench import check_model_folders, default_config, run_serving_bench
 
     _bench_logging(json_output)
-    config = default_config(probe_s=probe_s, budget_s=budget_s, temperature=temperature, max_tokens=max_tokens)
+    config = default_config(
+        probe_s=probe_s,
+        budget_s=budget_s,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        student_dir=student.resolve() if student else None,
+        teacher_dir=teacher.resolve() if teacher else None,
+        capacity_stop_at_eos=stop_at_eos,
+    )
+    try:
+        check_model_folders(config)
+    except ModelError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     typer.echo(json.dumps(asyncio.run(run_serving_bench(config)), indent=None if json_output else 2))
 
 
