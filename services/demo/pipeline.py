@@ -309,12 +309,13 @@ class Demo:
                     bars.update(load_bar, completed=stats.finished,
                                 info=f"failed {stats.failed}  versions {sorted(stats.versions)}")  # fmt: skip
                     if time.monotonic() > deadline:
-                        self.result.notes.append(f"stopped the run at the time budget ({p.time_budget_s:.0f}s)")
+                        note = f"stopped the run at the time budget ({p.time_budget_s:.0f}s), last checkpoint evaluated"
+                        self.result.notes.append(note)
                         with grpc.insecure_channel(procs["trainer"].address) as channel:
                             pb.trainer_grpc.TrainerServiceStub(channel).StopRun(
-                                pb.trainer.StopRunRequest(run_id=run_id), timeout=60
+                                pb.trainer.StopRunRequest(run_id=run_id, evaluate=True), timeout=60
                             )
-                        watch.done.wait(120)
+                        watch.done.wait(300)  # the final checkpoint is evaluated (held-out split) and gated
                         break
             self.wait_for_last_promotion(procs["serving"].address)
         finally:

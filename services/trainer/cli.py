@@ -108,11 +108,17 @@ def status(run_id: Annotated[str, typer.Argument()], address: Address = DEFAULT_
 
 
 @app.command()
-def stop(run_id: Annotated[str, typer.Argument()], address: Address = DEFAULT_ADDRESS) -> None:
+def stop(
+    run_id: Annotated[str, typer.Argument()],
+    address: Address = DEFAULT_ADDRESS,
+    evaluate: Annotated[
+        bool, typer.Option(help="Evaluate the final checkpoint first, so the gate can promote it.")
+    ] = False,
+) -> None:
     """Stops a run after a final checkpoint."""
     from services.common import pb
 
-    _print(_call(address, "StopRun", pb.trainer.StopRunRequest(run_id=run_id)).run)
+    _print(_call(address, "StopRun", pb.trainer.StopRunRequest(run_id=run_id, evaluate=evaluate)).run)
 
 
 @app.command()

@@ -83,6 +83,7 @@ class TrainingRun:
         producer: ProtoProducer,
         on_progress: Progress,
         stop: threading.Event,
+        evaluate_on_stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self.spec = spec
@@ -91,6 +92,7 @@ class TrainingRun:
         self.producer = producer
         self.on_progress = on_progress
         self.stop = stop
+        self.evaluate_on_stop = evaluate_on_stop or threading.Event()
         self.topic = settings.kafka.topic_teacher_samples
         self.progress = pb.trainer.RunProgress(
             run_id=spec.run_id, state=pb.trainer.RUN_STATE_RUNNING, max_steps=spec.schedule.max_steps
@@ -186,8 +188,9 @@ class TrainingRun:
                 if self.step % s.eval_every_steps == 0:
                     self._checkpoint(evaluate_first=True)
             finished = bool(s.max_steps and self.step >= s.max_steps)
-            if self.step != self._last_ckpt_step and (finished or self.settings.checkpoint_on_stop):
-                self._checkpoint(evaluate_first=finished)
+            evaluate = finished or self.evaluate_on_stop.is_set()
+            if self.step != self._last_ckpt_step and (evaluate or self.settings.checkpoint_on_stop):
+                self._checkpoint(evaluate_first=evaluate)
             return pb.trainer.RUN_STATE_SUCCEEDED if finished else pb.trainer.RUN_STATE_STOPPED
         finally:
             self.consumer.close()

@@ -45,6 +45,7 @@ class AlreadyExists(ServiceError):
 class RunRecord:
     info: pb.trainer.RunInfo
     stop: threading.Event = field(default_factory=threading.Event)
+    evaluate_on_stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
 
@@ -175,13 +176,16 @@ class RunManager:
         with self.lock:
             return self._snapshot(self._record(run_id))
 
-    def stop(self, run_id: str) -> pb.trainer.RunInfo:
+    def stop(self, run_id: str, evaluate: bool = False) -> pb.trainer.RunInfo:
+        """Stops a queued or running run; a running one checkpoints first (evaluated and gated with `evaluate`)."""
         with self.lock:
             rec = self._record(run_id)
             if run_id in self.queue:
                 self.queue.remove(run_id)
                 self._finish(rec, pb.trainer.RUN_STATE_STOPPED)
             elif rec.info.progress.state == pb.trainer.RUN_STATE_RUNNING:
+                if evaluate:
+                    rec.evaluate_on_stop.set()
                 rec.stop.set()  # the worker checkpoints and marks it STOPPED
             return self._snapshot(rec)
 
@@ -245,6 +249,7 @@ class RunManager:
                 self.settings, spec, self.teacher_dir, self.registry, self.producer,
                 lambda p: self._on_progress(rec, p, run),  # type: ignore[arg-type]
                 rec.stop,
+                rec.evaluate_on_stop,
             )  # fmt: skip
             final = run.run()
         except Exception as exc:

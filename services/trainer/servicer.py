@@ -48,7 +48,7 @@ class TrainerServicer(pb.trainer_grpc.TrainerServiceServicer):  # type: ignore[m
     async def StopRun(
         self, request: pb.trainer.StopRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.trainer.StopRunResponse:
-        return pb.trainer.StopRunResponse(run=self.manager.stop(request.run_id))
+        return pb.trainer.StopRunResponse(run=self.manager.stop(request.run_id, request.evaluate))
 
     @grpc_method("trainer")
     async def ListCheckpoints(

@@ -114,6 +114,32 @@ async def test_status_codes(stub: Any, app: TrainerApp) -> None:
     assert run.progress.step == 0 and not run.progress.error
 
 
+async def test_stop_can_evaluate_and_gate_the_final_checkpoint(
+    stub: Any, tiny_samples: list, kafka_settings: KafkaSettings
+) -> None:
+    """StopRun(evaluate=True) (how the demo ends a run at its time budget): the stop checkpoint carries held-out
+    metrics and goes through the gate; a plain StopRun's checkpoint has none and is not promoted."""
+    publish(kafka_settings, tiny_samples)
+    for run_id, evaluate in (("stop-eval", True), ("stop-plain", False)):
+        spec = tiny_spec(run_id, max_steps=100_000, eval_every_steps=100_000, sample_reuse=1000)
+        spec.gate.min_accuracy_ratio = 0.0  # the tiny teacher is never right: the gate passes on accuracy 0
+        spec.gate.must_beat_promoted = False
+        await stub.StartRun(pb.trainer.StartRunRequest(spec=spec))
+        deadline = asyncio.get_running_loop().time() + 240
+        while (await stub.GetRun(pb.trainer.GetRunRequest(run_id=run_id))).run.progress.step < 3:
+            assert asyncio.get_running_loop().time() < deadline, "the run never trained"
+            await asyncio.sleep(0.2)
+        await stub.StopRun(pb.trainer.StopRunRequest(run_id=run_id, evaluate=evaluate))
+        run = await _wait_state(stub, run_id, (pb.trainer.RUN_STATE_STOPPED,))
+        (last,) = (await stub.ListCheckpoints(pb.trainer.ListCheckpointsRequest(run_id=run_id))).checkpoints
+        assert last.step == run.progress.step >= 3
+        if evaluate:
+            assert "accuracy" in last.metrics and "kl" in last.metrics and last.promoted
+            assert run.progress.last_eval.step == last.step and run.progress.promoted_version == last.version
+        else:
+            assert "accuracy" not in last.metrics and not last.promoted
+
+
 async def test_run_trains_evaluates_checkpoints_and_announces(
     stub: Any, app: TrainerApp, tiny_samples: list, kafka_settings: KafkaSettings
 ) -> None:

@@ -916,15 +916,21 @@ class StopRunRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_ID_FIELD_NUMBER: _builtins.int
+    EVALUATE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    evaluate: _builtins.bool
+    """Evaluate the final checkpoint on the held-out split first, so the gate can promote it (a run stopped at a time
+    budget ends with an evaluated model). Without it the stop checkpoint is written unevaluated, and never promoted.
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
+        evaluate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluate", b"evaluate", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
