@@ -308,7 +308,8 @@ class Demo:
                     stats = load.stats()
                     bars.update(load_bar, completed=stats.finished,
                                 info=f"failed {stats.failed}  versions {sorted(stats.versions)}")  # fmt: skip
-                    if time.monotonic() > deadline:
+                    # At max_steps the run is only finishing its last evaluation: let it end by itself.
+                    if time.monotonic() > deadline and (prog is None or not p.max_steps or prog.step < p.max_steps):
                         note = f"stopped the run at the time budget ({p.time_budget_s:.0f}s), last checkpoint evaluated"
                         self.result.notes.append(note)
                         with grpc.insecure_channel(procs["trainer"].address) as channel:
