@@ -181,7 +181,8 @@ async def bench_model(
 
 
 def check_model_folders(config: ServingBenchConfig) -> None:
-    """Given model folders are Hugging Face folders with safetensors weights; refused before any engine starts."""
+    """Given model folders are Hugging Face folders with safetensors weights: `distillery bench serving` refuses
+    others before any engine starts."""
     from services.common.models import ModelError, check_safe_folder
 
     for field, folder in (("student", config.student_dir), ("teacher", config.teacher_dir)):
@@ -195,7 +196,6 @@ def check_model_folders(config: ServingBenchConfig) -> None:
 async def run_serving_bench(config: ServingBenchConfig) -> dict[str, Any]:
     from services.common.models import parameter_count, prepare_default_teacher
 
-    check_model_folders(config)
     started = time.monotonic()
     models_dir = config.home / "models"
     teacher_dir = config.teacher_dir

@@ -56,22 +56,23 @@ def test_capacity_probes_end_with_the_answer_and_tokens_per_s_are_fixed_length(
         assert calls[-1].concurrency == 4 and calls[-1].ignore_eos
 
 
+def _folder(root: Path, name: str, files: dict[str, bytes]) -> Path:
+    folder = root / name
+    folder.mkdir()
+    for file, data in files.items():
+        (folder / file).write_bytes(data)
+    return folder
+
+
 def test_given_model_folders_are_checked_before_any_engine_starts(tmp_path: Path) -> None:
     from services.common.models import ModelError
     from services.serving.bench import check_model_folders
 
-    empty = tmp_path / "empty"
-    empty.mkdir()
+    empty = _folder(tmp_path, "empty", {})
     with pytest.raises(ModelError, match=r"student=.*empty: no config.json"):
         check_model_folders(ServingBenchConfig(home=tmp_path, student_dir=empty))
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    (pickled / "config.json").write_text("{}")
-    (pickled / "pytorch_model.bin").write_bytes(b"not safetensors")
+    pickled = _folder(tmp_path, "pickled", {"config.json": b"{}", "pytorch_model.bin": b"not safetensors"})
     with pytest.raises(ModelError, match=r"pytorch_model.bin.*only safetensors"):
         check_model_folders(ServingBenchConfig(home=tmp_path, teacher_dir=pickled))
-    good = tmp_path / "good"
-    good.mkdir()
-    (good / "config.json").write_text("{}")
-    (good / "model.safetensors").write_bytes(b"")
+    good = _folder(tmp_path, "good", {"config.json": b"{}", "model.safetensors": b""})
     check_model_folders(ServingBenchConfig(home=tmp_path, student_dir=good, teacher_dir=good))
