@@ -33,6 +33,8 @@ from services.demo.report import DemoResult, write_report
 from services.demo.scrape import scrape
 from services.tasks import Problem, get_task
 
+#: The teacher's counter of samples the broker acknowledged (services/teacher/metrics.py), read from its /metrics.
+SAMPLES_PUBLISHED = "distillery_teacher_samples_published_total"
 TERMINAL = {pb.trainer.RUN_STATE_SUCCEEDED, pb.trainer.RUN_STATE_FAILED, pb.trainer.RUN_STATE_STOPPED}
 
 
@@ -235,7 +237,7 @@ class Demo:
             task = bars.add_task("teacher answers the held-out problems", total=count)
             while True:
                 self.group.check_alive()
-                published = scrape(teacher.metrics_url).get("distillery_teacher_samples_published_total", 0.0)
+                published = scrape(teacher.metrics_url).get(SAMPLES_PUBLISHED, 0.0)
                 bars.update(task, completed=min(published, count))
                 if published >= count:
                     return
@@ -295,7 +297,7 @@ class Demo:
                 while not watch.done.wait(1.0):
                     self.group.check_alive()
                     teacher = scrape(procs["teacher"].metrics_url)
-                    published = teacher.get("distillery_teacher_samples_published_total", 0.0)
+                    published = teacher.get(SAMPLES_PUBLISHED, 0.0)
                     bars.update(samples_bar, completed=min(published, expected_samples))
                     prog = watch.progress
                     if prog is not None:
@@ -352,7 +354,7 @@ class Demo:
         serving = scrape(procs["serving"].metrics_url)
         r.swaps = int(serving.get('distillery_serving_swaps_total{result="ok"}', 0))
         teacher = scrape(procs["teacher"].metrics_url)
-        r.teacher_samples = int(teacher.get("distillery_teacher_samples_published_total", 0))
+        r.teacher_samples = int(teacher.get(SAMPLES_PUBLISHED, 0))
         teacher_accs = [e["teacher_accuracy"] for e in r.evals if e.get("teacher_accuracy") is not None]
         r.teacher_accuracy = teacher_accs[-1] if teacher_accs else None
         for ckpt in self.registry.checkpoints():
