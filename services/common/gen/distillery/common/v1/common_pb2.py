@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!distillery/common/v1/common.proto\x12\x14\x64istillery.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"C\n\x0c\x43hatMessages\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.distillery.common.v1.ChatMessage\"\x94\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0e\n\x01n\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x15\n\x08logprobs\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\t\x88\x01\x01\x12>\n\x05\x65xtra\x18\x14 \x03(\x0b\x32/.distillery.common.v1.SamplingParams.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x04\n\x02_nB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xd4\x03\n\x0cPromptRecord\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x32\n\x04\x63hat\x18\x02 \x01(\x0b\x32\".distillery.common.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x1d\n\x10reference_answer\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x36\n\x08sampling\x18\x06 \x01(\x0b\x32$.distillery.common.v1.SamplingParams\x12*\n\x05split\x18\x07 \x01(\x0e\x32\x1b.distillery.common.v1.Split\x12\x42\n\x08metadata\x18\x08 \x03(\x0b\x32\x30.distillery.common.v1.PromptRecord.MetadataEntry\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fscore_reference\x18\n \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ontentB\x13\n\x11_reference_answer\"{\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdd\x04\n\rTeacherSample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12*\n\x05split\x18\x04 \x01(\x0e\x32\x1b.distillery.common.v1.Split\x12\x15\n\rteacher_model\x18\x05 \x01(\t\x12\x18\n\x10teacher_revision\x18\x06 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\x05\x12\x1c\n\x14\x63ompletion_token_ids\x18\x08 \x03(\x05\x12\x17\n\x0f\x63ompletion_text\x18\t \x01(\t\x12\x18\n\x10sampled_logprobs\x18\n \x03(\x02\x12\r\n\x05top_k\x18\x0b \x01(\r\x12\x0f\n\x07top_ids\x18\x0c \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\r \x03(\x02\x12\x39\n\rfinish_reason\x18\x0e \x01(\x0e\x32\".distillery.common.v1.FinishReason\x12\x36\n\x08sampling\x18\x0f \x01(\x0b\x32$.distillery.common.v1.SamplingParams\x12.\n\x07timings\x18\x10 \x01(\x0b\x32\x1d.distillery.common.v1.Timings\x12\x14\n\x0csample_index\x18\x11 \x01(\r\x12\x1d\n\x10reference_answer\x18\x12 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x0bprompt_text\x18\x13 \x01(\t\x12\x18\n\x10scored_reference\x18\x14 \x01(\x08\x42\x13\n\x11_reference_answer\"\xd6\x02\n\x0f\x43heckpointEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0cregistry_uri\x18\x03 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x04 \x01(\t\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x03\x12\x43\n\x07metrics\x18\x06 \x03(\x0b\x32\x32.distillery.common.v1.CheckpointEvent.MetricsEntry\x12\x10\n\x08promoted\x18\x07 \x01(\x08\x12\x0c\n\x04step\x18\x08 \x01(\x03\x12\x15\n\rteacher_model\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbc\x02\n\nDeadLetter\x12\x14\n\x0csource_topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0b\n\x03key\x18\x04 \x01(\x0c\x12\r\n\x05value\x18\x05 \x01(\x0c\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\nerror_type\x18\x07 \x01(\t\x12>\n\x07headers\x18\x08 \x03(\x0b\x32-.distillery.common.v1.DeadLetter.HeadersEntry\x12\x0f\n\x07service\x18\t \x01(\t\x12\x34\n\x10\x64\x65\x61\x64_lettered_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"Y\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02*?\n\x05Split\x12\x15\n\x11SPLIT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSPLIT_TRAIN\x10\x01\x12\x0e\n\nSPLIT_EVAL\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!distillery/common/v1/common.proto\x12\x14\x64istillery.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"C\n\x0c\x43hatMessages\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.distillery.common.v1.ChatMessage\"q\n\x11StudentCompletion\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x1c\n\x14\x63ompletion_token_ids\x18\x02 \x03(\x05\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x14\n\x0cstudent_step\x18\x04 \x01(\x03\"\x94\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0e\n\x01n\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x15\n\x08logprobs\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x12\n\x05min_p\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\t\x88\x01\x01\x12>\n\x05\x65xtra\x18\x14 \x03(\x0b\x32/.distillery.common.v1.SamplingParams.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x04\n\x02_nB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xaf\x04\n\x0cPromptRecord\x12\x11\n\tprompt_id\x18\x01 \x01(\t\x12\x32\n\x04\x63hat\x18\x02 \x01(\x0b\x32\".distillery.common.v1.ChatMessagesH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x1d\n\x10reference_answer\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x36\n\x08sampling\x18\x06 \x01(\x0b\x32$.distillery.common.v1.SamplingParams\x12*\n\x05split\x18\x07 \x01(\x0e\x32\x1b.distillery.common.v1.Split\x12\x42\n\x08metadata\x18\x08 \x03(\x0b\x32\x30.distillery.common.v1.PromptRecord.MetadataEntry\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fscore_reference\x18\n \x01(\x08\x12\x41\n\x10score_completion\x18\x0b \x01(\x0b\x32\'.distillery.common.v1.StudentCompletion\x12\x16\n\x0eprompt_variant\x18\x0c \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ontentB\x13\n\x11_reference_answer\"{\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd7\x05\n\rTeacherSample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12*\n\x05split\x18\x04 \x01(\x0e\x32\x1b.distillery.common.v1.Split\x12\x15\n\rteacher_model\x18\x05 \x01(\t\x12\x18\n\x10teacher_revision\x18\x06 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x07 \x03(\x05\x12\x1c\n\x14\x63ompletion_token_ids\x18\x08 \x03(\x05\x12\x17\n\x0f\x63ompletion_text\x18\t \x01(\t\x12\x18\n\x10sampled_logprobs\x18\n \x03(\x02\x12\r\n\x05top_k\x18\x0b \x01(\r\x12\x0f\n\x07top_ids\x18\x0c \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\r \x03(\x02\x12\x39\n\rfinish_reason\x18\x0e \x01(\x0e\x32\".distillery.common.v1.FinishReason\x12\x36\n\x08sampling\x18\x0f \x01(\x0b\x32$.distillery.common.v1.SamplingParams\x12.\n\x07timings\x18\x10 \x01(\x0b\x32\x1d.distillery.common.v1.Timings\x12\x14\n\x0csample_index\x18\x11 \x01(\r\x12\x1d\n\x10reference_answer\x18\x12 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x0bprompt_text\x18\x13 \x01(\t\x12\x18\n\x10scored_reference\x18\x14 \x01(\x08\x12\x32\n\x06source\x18\x15 \x01(\x0e\x32\".distillery.common.v1.SampleSource\x12\x16\n\x0eprompt_variant\x18\x16 \x01(\t\x12\x16\n\x0estudent_run_id\x18\x17 \x01(\t\x12\x14\n\x0cstudent_step\x18\x18 \x01(\x03\x42\x13\n\x11_reference_answer\"\xd6\x02\n\x0f\x43heckpointEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0cregistry_uri\x18\x03 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x04 \x01(\t\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x03\x12\x43\n\x07metrics\x18\x06 \x03(\x0b\x32\x32.distillery.common.v1.CheckpointEvent.MetricsEntry\x12\x10\n\x08promoted\x18\x07 \x01(\x08\x12\x0c\n\x04step\x18\x08 \x01(\x03\x12\x15\n\rteacher_model\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbc\x02\n\nDeadLetter\x12\x14\n\x0csource_topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0b\n\x03key\x18\x04 \x01(\x0c\x12\r\n\x05value\x18\x05 \x01(\x0c\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x12\n\nerror_type\x18\x07 \x01(\t\x12>\n\x07headers\x18\x08 \x03(\x0b\x32-.distillery.common.v1.DeadLetter.HeadersEntry\x12\x0f\n\x07service\x18\t \x01(\t\x12\x34\n\x10\x64\x65\x61\x64_lettered_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"Y\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02*?\n\x05Split\x12\x15\n\x11SPLIT_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSPLIT_TRAIN\x10\x01\x12\x0e\n\nSPLIT_EVAL\x10\x02*\x90\x01\n\x0cSampleSource\x12\x1d\n\x19SAMPLE_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17SAMPLE_SOURCE_GENERATED\x10\x01\x12\"\n\x1eSAMPLE_SOURCE_SCORED_REFERENCE\x10\x02\x12 \n\x1cSAMPLE_SOURCE_SCORED_STUDENT\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,36 +40,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKPOINTEVENT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_DEADLETTER_HEADERSENTRY']._loaded_options = None
   _globals['_DEADLETTER_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_SPLIT']._serialized_start=2760
-  _globals['_SPLIT']._serialized_end=2823
-  _globals['_FINISHREASON']._serialized_start=2825
-  _globals['_FINISHREASON']._serialized_end=2945
+  _globals['_SPLIT']._serialized_start=3088
+  _globals['_SPLIT']._serialized_end=3151
+  _globals['_SAMPLESOURCE']._serialized_start=3154
+  _globals['_SAMPLESOURCE']._serialized_end=3298
+  _globals['_FINISHREASON']._serialized_start=3300
+  _globals['_FINISHREASON']._serialized_end=3420
   _globals['_CHATMESSAGE']._serialized_start=92
   _globals['_CHATMESSAGE']._serialized_end=136
   _globals['_CHATMESSAGES']._serialized_start=138
   _globals['_CHATMESSAGES']._serialized_end=205
-  _globals['_SAMPLINGPARAMS']._serialized_start=208
-  _globals['_SAMPLINGPARAMS']._serialized_end=740
-  _globals['_SAMPLINGPARAMS_EXTRAENTRY']._serialized_start=550
-  _globals['_SAMPLINGPARAMS_EXTRAENTRY']._serialized_end=594
-  _globals['_PROMPTRECORD']._serialized_start=743
-  _globals['_PROMPTRECORD']._serialized_end=1211
-  _globals['_PROMPTRECORD_METADATAENTRY']._serialized_start=1132
-  _globals['_PROMPTRECORD_METADATAENTRY']._serialized_end=1179
-  _globals['_TIMINGS']._serialized_start=1213
-  _globals['_TIMINGS']._serialized_end=1336
-  _globals['_TEACHERSAMPLE']._serialized_start=1339
-  _globals['_TEACHERSAMPLE']._serialized_end=1944
-  _globals['_CHECKPOINTEVENT']._serialized_start=1947
-  _globals['_CHECKPOINTEVENT']._serialized_end=2289
-  _globals['_CHECKPOINTEVENT_METRICSENTRY']._serialized_start=2243
-  _globals['_CHECKPOINTEVENT_METRICSENTRY']._serialized_end=2289
-  _globals['_DEADLETTER']._serialized_start=2292
-  _globals['_DEADLETTER']._serialized_end=2608
-  _globals['_DEADLETTER_HEADERSENTRY']._serialized_start=2562
-  _globals['_DEADLETTER_HEADERSENTRY']._serialized_end=2608
-  _globals['_USAGE']._serialized_start=2610
-  _globals['_USAGE']._serialized_end=2667
-  _globals['_TOKENLOGPROBS']._serialized_start=2669
-  _globals['_TOKENLOGPROBS']._serialized_end=2758
+  _globals['_STUDENTCOMPLETION']._serialized_start=207
+  _globals['_STUDENTCOMPLETION']._serialized_end=320
+  _globals['_SAMPLINGPARAMS']._serialized_start=323
+  _globals['_SAMPLINGPARAMS']._serialized_end=855
+  _globals['_SAMPLINGPARAMS_EXTRAENTRY']._serialized_start=665
+  _globals['_SAMPLINGPARAMS_EXTRAENTRY']._serialized_end=709
+  _globals['_PROMPTRECORD']._serialized_start=858
+  _globals['_PROMPTRECORD']._serialized_end=1417
+  _globals['_PROMPTRECORD_METADATAENTRY']._serialized_start=1338
+  _globals['_PROMPTRECORD_METADATAENTRY']._serialized_end=1385
+  _globals['_TIMINGS']._serialized_start=1419
+  _globals['_TIMINGS']._serialized_end=1542
+  _globals['_TEACHERSAMPLE']._serialized_start=1545
+  _globals['_TEACHERSAMPLE']._serialized_end=2272
+  _globals['_CHECKPOINTEVENT']._serialized_start=2275
+  _globals['_CHECKPOINTEVENT']._serialized_end=2617
+  _globals['_CHECKPOINTEVENT_METRICSENTRY']._serialized_start=2571
+  _globals['_CHECKPOINTEVENT_METRICSENTRY']._serialized_end=2617
+  _globals['_DEADLETTER']._serialized_start=2620
+  _globals['_DEADLETTER']._serialized_end=2936
+  _globals['_DEADLETTER_HEADERSENTRY']._serialized_start=2890
+  _globals['_DEADLETTER_HEADERSENTRY']._serialized_end=2936
+  _globals['_USAGE']._serialized_start=2938
+  _globals['_USAGE']._serialized_end=2995
+  _globals['_TOKENLOGPROBS']._serialized_start=2997
+  _globals['_TOKENLOGPROBS']._serialized_end=3086
 # @@protoc_insertion_point(module_scope)

@@ -38,6 +38,32 @@ SPLIT_TRAIN: Split.ValueType  # 1
 SPLIT_EVAL: Split.ValueType  # 2
 Global___Split: _TypeAlias = Split  # noqa: Y015
 
+class _SampleSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SampleSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SampleSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SAMPLE_SOURCE_UNSPECIFIED: _SampleSource.ValueType  # 0
+    SAMPLE_SOURCE_GENERATED: _SampleSource.ValueType  # 1
+    """The teacher wrote the completion (sampled or greedy): classic distillation data."""
+    SAMPLE_SOURCE_SCORED_REFERENCE: _SampleSource.ValueType  # 2
+    """The prompt's reference answer, scored by the teacher (its top-k at every token): the task's own data."""
+    SAMPLE_SOURCE_SCORED_STUDENT: _SampleSource.ValueType  # 3
+    """A student's own completion, scored by the teacher: on-policy distillation (GKD)."""
+
+class SampleSource(_SampleSource, metaclass=_SampleSourceEnumTypeWrapper):
+    """Where a teacher sample's completion came from: what the student learns from when it trains on the sample."""
+
+SAMPLE_SOURCE_UNSPECIFIED: SampleSource.ValueType  # 0
+SAMPLE_SOURCE_GENERATED: SampleSource.ValueType  # 1
+"""The teacher wrote the completion (sampled or greedy): classic distillation data."""
+SAMPLE_SOURCE_SCORED_REFERENCE: SampleSource.ValueType  # 2
+"""The prompt's reference answer, scored by the teacher (its top-k at every token): the task's own data."""
+SAMPLE_SOURCE_SCORED_STUDENT: SampleSource.ValueType  # 3
+"""A student's own completion, scored by the teacher: on-policy distillation (GKD)."""
+Global___SampleSource: _TypeAlias = SampleSource  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -110,6 +136,41 @@ class ChatMessages(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatMessages: _TypeAlias = ChatMessages  # noqa: Y015
+
+@_typing.final
+class StudentCompletion(_message.Message):
+    """A completion a student sampled, for the teacher to score (on-policy distillation)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STUDENT_STEP_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The trainer run whose student sampled it, and that student's optimizer step."""
+    student_step: _builtins.int
+    @_builtins.property
+    def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The prompt exactly as the student saw it (the teacher's tokenizer and chat template)."""
+
+    @_builtins.property
+    def completion_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        completion_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        run_id: _builtins.str = ...,
+        student_step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_token_ids", b"completion_token_ids", "prompt_token_ids", b"prompt_token_ids", "run_id", b"run_id", "student_step", b"student_step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StudentCompletion: _TypeAlias = StudentCompletion  # noqa: Y015
 
 @_typing.final
 class SamplingParams(_message.Message):
@@ -266,6 +327,8 @@ class PromptRecord(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     SCORE_REFERENCE_FIELD_NUMBER: _builtins.int
+    SCORE_COMPLETION_FIELD_NUMBER: _builtins.int
+    PROMPT_VARIANT_FIELD_NUMBER: _builtins.int
     prompt_id: _builtins.str
     text: _builtins.str
     task: _builtins.str
@@ -277,6 +340,10 @@ class PromptRecord(_message.Message):
     completion and publishes one sample with its top-k logprobs at every position. A prefill, far cheaper than
     generating; `sampling.logprobs` sets k, the other sampling fields are unused.
     """
+    prompt_variant: _builtins.str
+    """Which phrasing of the prompt this record is: "" is the one the student is trained and evaluated with; held-out
+    prompts may also be published in other phrasings (e.g. "no_system") to find the teacher's best prompt.
+    """
     @_builtins.property
     def chat(self) -> Global___ChatMessages: ...
     @_builtins.property
@@ -285,6 +352,12 @@ class PromptRecord(_message.Message):
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def score_completion(self) -> Global___StudentCompletion:
+        """On-policy data: instead of generating, the teacher scores this student completion (a prefill) and publishes
+        one SAMPLE_SOURCE_SCORED_STUDENT sample with its top-k at every student token. The content may be left empty.
+        """
+
     def __init__(
         self,
         *,
@@ -298,10 +371,12 @@ class PromptRecord(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         score_reference: _builtins.bool = ...,
+        score_completion: Global___StudentCompletion | None = ...,
+        prompt_variant: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "chat", b"chat", "content", b"content", "created_at", b"created_at", "reference_answer", b"reference_answer", "sampling", b"sampling", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "chat", b"chat", "content", b"content", "created_at", b"created_at", "reference_answer", b"reference_answer", "sampling", b"sampling", "score_completion", b"score_completion", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "chat", b"chat", "content", b"content", "created_at", b"created_at", "metadata", b"metadata", "prompt_id", b"prompt_id", "reference_answer", b"reference_answer", "sampling", b"sampling", "score_reference", b"score_reference", "split", b"split", "task", b"task", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "chat", b"chat", "content", b"content", "created_at", b"created_at", "metadata", b"metadata", "prompt_id", b"prompt_id", "prompt_variant", b"prompt_variant", "reference_answer", b"reference_answer", "sampling", b"sampling", "score_completion", b"score_completion", "score_reference", b"score_reference", "split", b"split", "task", b"task", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__reference_answer: _TypeAlias = _typing.Literal["reference_answer"]  # noqa: Y015
     _WhichOneofArgType__reference_answer: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer"]  # noqa: Y015
@@ -375,6 +450,10 @@ class TeacherSample(_message.Message):
     REFERENCE_ANSWER_FIELD_NUMBER: _builtins.int
     PROMPT_TEXT_FIELD_NUMBER: _builtins.int
     SCORED_REFERENCE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PROMPT_VARIANT_FIELD_NUMBER: _builtins.int
+    STUDENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    STUDENT_STEP_FIELD_NUMBER: _builtins.int
     sample_id: _builtins.str
     """Deterministic: the same prompt, teacher, sampling and sample_index give the same id."""
     prompt_id: _builtins.str
@@ -394,6 +473,13 @@ class TeacherSample(_message.Message):
     """The completion is the prompt's reference answer scored by the teacher (PromptRecord.score_reference), not a
     generated one: sampled_logprobs are the teacher's logprobs of the reference tokens.
     """
+    source: Global___SampleSource.ValueType
+    """Where the completion came from (GENERATED, SCORED_REFERENCE or SCORED_STUDENT)."""
+    prompt_variant: _builtins.str
+    """The prompt record's prompt_variant."""
+    student_run_id: _builtins.str
+    """SCORED_STUDENT only: the run whose student wrote the completion, and its optimizer step then."""
+    student_step: _builtins.int
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -433,10 +519,14 @@ class TeacherSample(_message.Message):
         reference_answer: _builtins.str | None = ...,
         prompt_text: _builtins.str = ...,
         scored_reference: _builtins.bool = ...,
+        source: Global___SampleSource.ValueType = ...,
+        prompt_variant: _builtins.str = ...,
+        student_run_id: _builtins.str = ...,
+        student_step: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "reference_answer", b"reference_answer", "sampling", b"sampling", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "completion_text", b"completion_text", "completion_token_ids", b"completion_token_ids", "finish_reason", b"finish_reason", "prompt_id", b"prompt_id", "prompt_text", b"prompt_text", "prompt_token_ids", b"prompt_token_ids", "reference_answer", b"reference_answer", "sample_id", b"sample_id", "sample_index", b"sample_index", "sampled_logprobs", b"sampled_logprobs", "sampling", b"sampling", "scored_reference", b"scored_reference", "split", b"split", "task", b"task", "teacher_model", b"teacher_model", "teacher_revision", b"teacher_revision", "timings", b"timings", "top_ids", b"top_ids", "top_k", b"top_k", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer", "completion_text", b"completion_text", "completion_token_ids", b"completion_token_ids", "finish_reason", b"finish_reason", "prompt_id", b"prompt_id", "prompt_text", b"prompt_text", "prompt_token_ids", b"prompt_token_ids", "prompt_variant", b"prompt_variant", "reference_answer", b"reference_answer", "sample_id", b"sample_id", "sample_index", b"sample_index", "sampled_logprobs", b"sampled_logprobs", "sampling", b"sampling", "scored_reference", b"scored_reference", "source", b"source", "split", b"split", "student_run_id", b"student_run_id", "student_step", b"student_step", "task", b"task", "teacher_model", b"teacher_model", "teacher_revision", b"teacher_revision", "timings", b"timings", "top_ids", b"top_ids", "top_k", b"top_k", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__reference_answer: _TypeAlias = _typing.Literal["reference_answer"]  # noqa: Y015
     _WhichOneofArgType__reference_answer: _TypeAlias = _typing.Literal["_reference_answer", b"_reference_answer"]  # noqa: Y015

@@ -408,26 +408,39 @@ class GateSpec(_message.Message):
     MIN_ACCURACY_RATIO_FIELD_NUMBER: _builtins.int
     MUST_BEAT_PROMOTED_FIELD_NUMBER: _builtins.int
     MIN_ACCURACY_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    MIN_SCORE_FIELD_NUMBER: _builtins.int
     min_accuracy_ratio: _builtins.float
-    """Student held-out accuracy must reach this fraction of the teacher's."""
+    """Student held-out accuracy must reach this fraction of the teacher's (at its best prompt); accuracy only."""
     must_beat_promoted: _builtins.bool
-    """And must be strictly better than the last promoted checkpoint of the registry."""
+    """And the gate metric must be strictly better than the last promoted checkpoint's."""
     min_accuracy: _builtins.float
+    metric: _builtins.str
+    """The held-out metric that gates: "accuracy" (needs a checker), "teacher_agreement" (the student's greedy answer
+    equals the teacher's), "top1_agreement" (token level) or "kl" (lower is better). Empty: accuracy with a checker,
+    teacher_agreement without.
+    """
+    min_score: _builtins.float
+    """The gate metric must reach this value (for kl: stay at or below it). Unset: no threshold."""
     def __init__(
         self,
         *,
         min_accuracy_ratio: _builtins.float | None = ...,
         must_beat_promoted: _builtins.bool | None = ...,
         min_accuracy: _builtins.float | None = ...,
+        metric: _builtins.str = ...,
+        min_score: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_accuracy", b"_min_accuracy", "_min_accuracy_ratio", b"_min_accuracy_ratio", "_must_beat_promoted", b"_must_beat_promoted", "min_accuracy", b"min_accuracy", "min_accuracy_ratio", b"min_accuracy_ratio", "must_beat_promoted", b"must_beat_promoted"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_accuracy", b"_min_accuracy", "_min_accuracy_ratio", b"_min_accuracy_ratio", "_min_score", b"_min_score", "_must_beat_promoted", b"_must_beat_promoted", "min_accuracy", b"min_accuracy", "min_accuracy_ratio", b"min_accuracy_ratio", "min_score", b"min_score", "must_beat_promoted", b"must_beat_promoted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_accuracy", b"_min_accuracy", "_min_accuracy_ratio", b"_min_accuracy_ratio", "_must_beat_promoted", b"_must_beat_promoted", "min_accuracy", b"min_accuracy", "min_accuracy_ratio", b"min_accuracy_ratio", "must_beat_promoted", b"must_beat_promoted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_accuracy", b"_min_accuracy", "_min_accuracy_ratio", b"_min_accuracy_ratio", "_min_score", b"_min_score", "_must_beat_promoted", b"_must_beat_promoted", "metric", b"metric", "min_accuracy", b"min_accuracy", "min_accuracy_ratio", b"min_accuracy_ratio", "min_score", b"min_score", "must_beat_promoted", b"must_beat_promoted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__min_accuracy: _TypeAlias = _typing.Literal["min_accuracy"]  # noqa: Y015
     _WhichOneofArgType__min_accuracy: _TypeAlias = _typing.Literal["_min_accuracy", b"_min_accuracy"]  # noqa: Y015
     _WhichOneofReturnType__min_accuracy_ratio: _TypeAlias = _typing.Literal["min_accuracy_ratio"]  # noqa: Y015
     _WhichOneofArgType__min_accuracy_ratio: _TypeAlias = _typing.Literal["_min_accuracy_ratio", b"_min_accuracy_ratio"]  # noqa: Y015
+    _WhichOneofReturnType__min_score: _TypeAlias = _typing.Literal["min_score"]  # noqa: Y015
+    _WhichOneofArgType__min_score: _TypeAlias = _typing.Literal["_min_score", b"_min_score"]  # noqa: Y015
     _WhichOneofReturnType__must_beat_promoted: _TypeAlias = _typing.Literal["must_beat_promoted"]  # noqa: Y015
     _WhichOneofArgType__must_beat_promoted: _TypeAlias = _typing.Literal["_must_beat_promoted", b"_must_beat_promoted"]  # noqa: Y015
     @_typing.overload
@@ -435,9 +448,93 @@ class GateSpec(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_accuracy_ratio) -> _WhichOneofReturnType__min_accuracy_ratio | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_score) -> _WhichOneofReturnType__min_score | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__must_beat_promoted) -> _WhichOneofReturnType__must_beat_promoted | None: ...
 
 Global___GateSpec: _TypeAlias = GateSpec  # noqa: Y015
+
+@_typing.final
+class OnPolicySpec(_message.Message):
+    """On-policy distillation (GKD, Agarwal et al. 2024): the trainer samples completions from its current student on
+    training prompts, publishes them to the prompts topic to be scored, the teacher publishes its top-k at every
+    student token (SAMPLE_SOURCE_SCORED_STUDENT), and the trainer trains on them with `loss` (reverse KL by default).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRACTION_FIELD_NUMBER: _builtins.int
+    REFRESH_EVERY_STEPS_FIELD_NUMBER: _builtins.int
+    PROMPTS_PER_REFRESH_FIELD_NUMBER: _builtins.int
+    MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_STEPS_FIELD_NUMBER: _builtins.int
+    DROP_STALE_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    fraction: _builtins.float
+    """Fraction of each batch taken from scored student completions when there are enough (GKD's lambda); 0 = off."""
+    refresh_every_steps: _builtins.int
+    """Optimizer steps between two rounds of student sampling."""
+    prompts_per_refresh: _builtins.int
+    """Completions sampled per round."""
+    max_new_tokens: _builtins.int
+    temperature: _builtins.float
+    max_staleness_steps: _builtins.int
+    """A scored completion sampled more than this many steps before the current step is stale."""
+    drop_stale: _builtins.bool
+    """Drop stale completions instead of training on them (they are counted either way)."""
+    @_builtins.property
+    def loss(self) -> Global___LossSpec:
+        """Loss on scored student completions; unset: reverse KL (MiniLLM, GKD with beta = 1). spec.loss stays the loss of
+        every other sample.
+        """
+
+    def __init__(
+        self,
+        *,
+        fraction: _builtins.float | None = ...,
+        refresh_every_steps: _builtins.int | None = ...,
+        prompts_per_refresh: _builtins.int | None = ...,
+        max_new_tokens: _builtins.int | None = ...,
+        temperature: _builtins.float | None = ...,
+        max_staleness_steps: _builtins.int | None = ...,
+        drop_stale: _builtins.bool | None = ...,
+        loss: Global___LossSpec | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_drop_stale", b"_drop_stale", "_fraction", b"_fraction", "_max_new_tokens", b"_max_new_tokens", "_max_staleness_steps", b"_max_staleness_steps", "_prompts_per_refresh", b"_prompts_per_refresh", "_refresh_every_steps", b"_refresh_every_steps", "_temperature", b"_temperature", "drop_stale", b"drop_stale", "fraction", b"fraction", "loss", b"loss", "max_new_tokens", b"max_new_tokens", "max_staleness_steps", b"max_staleness_steps", "prompts_per_refresh", b"prompts_per_refresh", "refresh_every_steps", b"refresh_every_steps", "temperature", b"temperature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_drop_stale", b"_drop_stale", "_fraction", b"_fraction", "_max_new_tokens", b"_max_new_tokens", "_max_staleness_steps", b"_max_staleness_steps", "_prompts_per_refresh", b"_prompts_per_refresh", "_refresh_every_steps", b"_refresh_every_steps", "_temperature", b"_temperature", "drop_stale", b"drop_stale", "fraction", b"fraction", "loss", b"loss", "max_new_tokens", b"max_new_tokens", "max_staleness_steps", b"max_staleness_steps", "prompts_per_refresh", b"prompts_per_refresh", "refresh_every_steps", b"refresh_every_steps", "temperature", b"temperature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__drop_stale: _TypeAlias = _typing.Literal["drop_stale"]  # noqa: Y015
+    _WhichOneofArgType__drop_stale: _TypeAlias = _typing.Literal["_drop_stale", b"_drop_stale"]  # noqa: Y015
+    _WhichOneofReturnType__fraction: _TypeAlias = _typing.Literal["fraction"]  # noqa: Y015
+    _WhichOneofArgType__fraction: _TypeAlias = _typing.Literal["_fraction", b"_fraction"]  # noqa: Y015
+    _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__max_staleness_steps: _TypeAlias = _typing.Literal["max_staleness_steps"]  # noqa: Y015
+    _WhichOneofArgType__max_staleness_steps: _TypeAlias = _typing.Literal["_max_staleness_steps", b"_max_staleness_steps"]  # noqa: Y015
+    _WhichOneofReturnType__prompts_per_refresh: _TypeAlias = _typing.Literal["prompts_per_refresh"]  # noqa: Y015
+    _WhichOneofArgType__prompts_per_refresh: _TypeAlias = _typing.Literal["_prompts_per_refresh", b"_prompts_per_refresh"]  # noqa: Y015
+    _WhichOneofReturnType__refresh_every_steps: _TypeAlias = _typing.Literal["refresh_every_steps"]  # noqa: Y015
+    _WhichOneofArgType__refresh_every_steps: _TypeAlias = _typing.Literal["_refresh_every_steps", b"_refresh_every_steps"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__drop_stale) -> _WhichOneofReturnType__drop_stale | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fraction) -> _WhichOneofReturnType__fraction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_new_tokens) -> _WhichOneofReturnType__max_new_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_staleness_steps) -> _WhichOneofReturnType__max_staleness_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prompts_per_refresh) -> _WhichOneofReturnType__prompts_per_refresh | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__refresh_every_steps) -> _WhichOneofReturnType__refresh_every_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+
+Global___OnPolicySpec: _TypeAlias = OnPolicySpec  # noqa: Y015
 
 @_typing.final
 class EvalSpec(_message.Message):
@@ -453,7 +550,9 @@ class EvalSpec(_message.Message):
     max_agreement_samples: _builtins.int
     """Teacher samples used for agreement (KL, top-1 match) and perplexity."""
     min_eval_samples: _builtins.int
-    """Evaluation waits for this many held-out teacher samples before the first one."""
+    """Evaluation waits for this many held-out teacher samples (every phrasing counts) before the first one; an
+    evaluation that falls due before then is done as soon as they are in.
+    """
     def __init__(
         self,
         *,
@@ -499,13 +598,19 @@ class RunSpec(_message.Message):
     EVAL_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
+    CHECKER_FIELD_NUMBER: _builtins.int
+    ON_POLICY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Empty: generated."""
     task: _builtins.str
-    """The task whose checker verifies samples and scores the student."""
+    """A label for the use case (e.g. the prompts file's name); samples carry it, data.tasks filters on it."""
     seed: _builtins.int
     queue: _builtins.bool
     """Queue behind an active run instead of failing with FAILED_PRECONDITION."""
+    checker: _builtins.str
+    """The judge of answers (services/tasks/checkers.py): "exact", "numeric", "regex:PATTERN", "choice" or
+    "python:MODULE:FUNCTION". Empty: no checker; the run is evaluated and gated by fidelity to the teacher.
+    """
     @_builtins.property
     def student(self) -> Global___StudentRecipe: ...
     @_builtins.property
@@ -518,6 +623,8 @@ class RunSpec(_message.Message):
     def gate(self) -> Global___GateSpec: ...
     @_builtins.property
     def eval(self) -> Global___EvalSpec: ...
+    @_builtins.property
+    def on_policy(self) -> Global___OnPolicySpec: ...
     def __init__(
         self,
         *,
@@ -531,10 +638,12 @@ class RunSpec(_message.Message):
         eval: Global___EvalSpec | None = ...,
         seed: _builtins.int | None = ...,
         queue: _builtins.bool = ...,
+        checker: _builtins.str = ...,
+        on_policy: Global___OnPolicySpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "data", b"data", "eval", b"eval", "gate", b"gate", "loss", b"loss", "schedule", b"schedule", "seed", b"seed", "student", b"student"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "data", b"data", "eval", b"eval", "gate", b"gate", "loss", b"loss", "on_policy", b"on_policy", "schedule", b"schedule", "seed", b"seed", "student", b"student"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "data", b"data", "eval", b"eval", "gate", b"gate", "loss", b"loss", "queue", b"queue", "run_id", b"run_id", "schedule", b"schedule", "seed", b"seed", "student", b"student", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "checker", b"checker", "data", b"data", "eval", b"eval", "gate", b"gate", "loss", b"loss", "on_policy", b"on_policy", "queue", b"queue", "run_id", b"run_id", "schedule", b"schedule", "seed", b"seed", "student", b"student", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -546,6 +655,26 @@ Global___RunSpec: _TypeAlias = RunSpec  # noqa: Y015
 class EvalMetrics(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TeacherAccuracyByVariantEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     STEP_FIELD_NUMBER: _builtins.int
     ACCURACY_FIELD_NUMBER: _builtins.int
     TEACHER_ACCURACY_FIELD_NUMBER: _builtins.int
@@ -553,6 +682,11 @@ class EvalMetrics(_message.Message):
     TOP1_AGREEMENT_FIELD_NUMBER: _builtins.int
     PERPLEXITY_FIELD_NUMBER: _builtins.int
     EVAL_PROMPTS_FIELD_NUMBER: _builtins.int
+    TEACHER_AGREEMENT_FIELD_NUMBER: _builtins.int
+    TEACHER_ACCURACY_BEST_PROMPT_FIELD_NUMBER: _builtins.int
+    TEACHER_ACCURACY_BY_VARIANT_FIELD_NUMBER: _builtins.int
+    GATE_METRIC_FIELD_NUMBER: _builtins.int
+    GATE_SCORE_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     accuracy: _builtins.float
     """Fraction of held-out prompts answered correctly by the student (greedy)."""
@@ -565,6 +699,15 @@ class EvalMetrics(_message.Message):
     perplexity: _builtins.float
     """Student perplexity on the teacher's held-out completions."""
     eval_prompts: _builtins.int
+    teacher_agreement: _builtins.float
+    """Fraction of held-out prompts where the student's greedy answer equals the teacher's (whitespace normalised)."""
+    teacher_accuracy_best_prompt: _builtins.float
+    """The teacher's accuracy in its best phrasing of the held-out prompts, and in each phrasing ("" = primary)."""
+    gate_metric: _builtins.str
+    """The metric the gate read and its value."""
+    gate_score: _builtins.float
+    @_builtins.property
+    def teacher_accuracy_by_variant(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
         self,
         *,
@@ -575,29 +718,46 @@ class EvalMetrics(_message.Message):
         top1_agreement: _builtins.float | None = ...,
         perplexity: _builtins.float | None = ...,
         eval_prompts: _builtins.int = ...,
+        teacher_agreement: _builtins.float | None = ...,
+        teacher_accuracy_best_prompt: _builtins.float | None = ...,
+        teacher_accuracy_by_variant: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        gate_metric: _builtins.str = ...,
+        gate_score: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "_kl", b"_kl", "_perplexity", b"_perplexity", "_teacher_accuracy", b"_teacher_accuracy", "_top1_agreement", b"_top1_agreement", "accuracy", b"accuracy", "kl", b"kl", "perplexity", b"perplexity", "teacher_accuracy", b"teacher_accuracy", "top1_agreement", b"top1_agreement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "_gate_score", b"_gate_score", "_kl", b"_kl", "_perplexity", b"_perplexity", "_teacher_accuracy", b"_teacher_accuracy", "_teacher_accuracy_best_prompt", b"_teacher_accuracy_best_prompt", "_teacher_agreement", b"_teacher_agreement", "_top1_agreement", b"_top1_agreement", "accuracy", b"accuracy", "gate_score", b"gate_score", "kl", b"kl", "perplexity", b"perplexity", "teacher_accuracy", b"teacher_accuracy", "teacher_accuracy_best_prompt", b"teacher_accuracy_best_prompt", "teacher_agreement", b"teacher_agreement", "top1_agreement", b"top1_agreement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "_kl", b"_kl", "_perplexity", b"_perplexity", "_teacher_accuracy", b"_teacher_accuracy", "_top1_agreement", b"_top1_agreement", "accuracy", b"accuracy", "eval_prompts", b"eval_prompts", "kl", b"kl", "perplexity", b"perplexity", "step", b"step", "teacher_accuracy", b"teacher_accuracy", "top1_agreement", b"top1_agreement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy", "_gate_score", b"_gate_score", "_kl", b"_kl", "_perplexity", b"_perplexity", "_teacher_accuracy", b"_teacher_accuracy", "_teacher_accuracy_best_prompt", b"_teacher_accuracy_best_prompt", "_teacher_agreement", b"_teacher_agreement", "_top1_agreement", b"_top1_agreement", "accuracy", b"accuracy", "eval_prompts", b"eval_prompts", "gate_metric", b"gate_metric", "gate_score", b"gate_score", "kl", b"kl", "perplexity", b"perplexity", "step", b"step", "teacher_accuracy", b"teacher_accuracy", "teacher_accuracy_best_prompt", b"teacher_accuracy_best_prompt", "teacher_accuracy_by_variant", b"teacher_accuracy_by_variant", "teacher_agreement", b"teacher_agreement", "top1_agreement", b"top1_agreement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__accuracy: _TypeAlias = _typing.Literal["accuracy"]  # noqa: Y015
     _WhichOneofArgType__accuracy: _TypeAlias = _typing.Literal["_accuracy", b"_accuracy"]  # noqa: Y015
+    _WhichOneofReturnType__gate_score: _TypeAlias = _typing.Literal["gate_score"]  # noqa: Y015
+    _WhichOneofArgType__gate_score: _TypeAlias = _typing.Literal["_gate_score", b"_gate_score"]  # noqa: Y015
     _WhichOneofReturnType__kl: _TypeAlias = _typing.Literal["kl"]  # noqa: Y015
     _WhichOneofArgType__kl: _TypeAlias = _typing.Literal["_kl", b"_kl"]  # noqa: Y015
     _WhichOneofReturnType__perplexity: _TypeAlias = _typing.Literal["perplexity"]  # noqa: Y015
     _WhichOneofArgType__perplexity: _TypeAlias = _typing.Literal["_perplexity", b"_perplexity"]  # noqa: Y015
     _WhichOneofReturnType__teacher_accuracy: _TypeAlias = _typing.Literal["teacher_accuracy"]  # noqa: Y015
     _WhichOneofArgType__teacher_accuracy: _TypeAlias = _typing.Literal["_teacher_accuracy", b"_teacher_accuracy"]  # noqa: Y015
+    _WhichOneofReturnType__teacher_accuracy_best_prompt: _TypeAlias = _typing.Literal["teacher_accuracy_best_prompt"]  # noqa: Y015
+    _WhichOneofArgType__teacher_accuracy_best_prompt: _TypeAlias = _typing.Literal["_teacher_accuracy_best_prompt", b"_teacher_accuracy_best_prompt"]  # noqa: Y015
+    _WhichOneofReturnType__teacher_agreement: _TypeAlias = _typing.Literal["teacher_agreement"]  # noqa: Y015
+    _WhichOneofArgType__teacher_agreement: _TypeAlias = _typing.Literal["_teacher_agreement", b"_teacher_agreement"]  # noqa: Y015
     _WhichOneofReturnType__top1_agreement: _TypeAlias = _typing.Literal["top1_agreement"]  # noqa: Y015
     _WhichOneofArgType__top1_agreement: _TypeAlias = _typing.Literal["_top1_agreement", b"_top1_agreement"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__accuracy) -> _WhichOneofReturnType__accuracy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gate_score) -> _WhichOneofReturnType__gate_score | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__kl) -> _WhichOneofReturnType__kl | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__perplexity) -> _WhichOneofReturnType__perplexity | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__teacher_accuracy) -> _WhichOneofReturnType__teacher_accuracy | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__teacher_accuracy_best_prompt) -> _WhichOneofReturnType__teacher_accuracy_best_prompt | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__teacher_agreement) -> _WhichOneofReturnType__teacher_agreement | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top1_agreement) -> _WhichOneofReturnType__top1_agreement | None: ...
 
@@ -609,6 +769,46 @@ class RunProgress(_message.Message):
 
     @_typing.final
     class LossComponentsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class TokensBySourceEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class LossBySourceEntry(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         KEY_FIELD_NUMBER: _builtins.int
@@ -644,6 +844,12 @@ class RunProgress(_message.Message):
     PROMOTED_VERSION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    TOKENS_BY_SOURCE_FIELD_NUMBER: _builtins.int
+    LOSS_BY_SOURCE_FIELD_NUMBER: _builtins.int
+    ON_POLICY_REQUESTED_FIELD_NUMBER: _builtins.int
+    ON_POLICY_RECEIVED_FIELD_NUMBER: _builtins.int
+    STALE_SAMPLES_FIELD_NUMBER: _builtins.int
+    STALE_DROPPED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     state: Global___RunState.ValueType
     step: _builtins.int
@@ -659,12 +865,25 @@ class RunProgress(_message.Message):
     last_checkpoint_version: _builtins.int
     promoted_version: _builtins.int
     error: _builtins.str
+    on_policy_requested: _builtins.int
+    """On-policy: completions sent to be scored, scored ones received, and the stale ones (received, dropped)."""
+    on_policy_received: _builtins.int
+    stale_samples: _builtins.int
+    stale_dropped: _builtins.int
     @_builtins.property
     def loss_components(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
     def last_eval(self) -> Global___EvalMetrics: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def tokens_by_source(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Target tokens trained and mean loss, per signal source: "generated", "scored_reference", "scored_student"
+        (teacher samples) and "reference" (cross-entropy on reference text the teacher never saw).
+        """
+
+    @_builtins.property
+    def loss_by_source(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
         self,
         *,
@@ -685,10 +904,16 @@ class RunProgress(_message.Message):
         promoted_version: _builtins.int = ...,
         error: _builtins.str = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        tokens_by_source: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        loss_by_source: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        on_policy_requested: _builtins.int = ...,
+        on_policy_received: _builtins.int = ...,
+        stale_samples: _builtins.int = ...,
+        stale_dropped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_eval", b"last_eval", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lag", b"lag", "last_checkpoint_version", b"last_checkpoint_version", "last_eval", b"last_eval", "learning_rate", b"learning_rate", "loss", b"loss", "loss_components", b"loss_components", "max_steps", b"max_steps", "promoted_version", b"promoted_version", "run_id", b"run_id", "samples_dropped", b"samples_dropped", "samples_seen", b"samples_seen", "state", b"state", "step", b"step", "tokens_per_s", b"tokens_per_s", "tokens_trained", b"tokens_trained", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lag", b"lag", "last_checkpoint_version", b"last_checkpoint_version", "last_eval", b"last_eval", "learning_rate", b"learning_rate", "loss", b"loss", "loss_by_source", b"loss_by_source", "loss_components", b"loss_components", "max_steps", b"max_steps", "on_policy_received", b"on_policy_received", "on_policy_requested", b"on_policy_requested", "promoted_version", b"promoted_version", "run_id", b"run_id", "samples_dropped", b"samples_dropped", "samples_seen", b"samples_seen", "stale_dropped", b"stale_dropped", "stale_samples", b"stale_samples", "state", b"state", "step", b"step", "tokens_by_source", b"tokens_by_source", "tokens_per_s", b"tokens_per_s", "tokens_trained", b"tokens_trained", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
