@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,8 +25,34 @@ class ServiceFailed(RuntimeError):
     """A service process exited or did not become healthy; the message points at its log."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
+#: Where `free_port` looks when the kernel's ephemeral range cannot be read (Linux's default range starts at 32768).
+FALLBACK_EPHEMERAL_LOW = 32768
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return FALLBACK_EPHEMERAL_LOW
+
+
+def free_port(low: int = 20000) -> int:
+    """A port on 127.0.0.1 that is free now, for a child service to bind later.
+
+    Chosen below the kernel's ephemeral range: a port the kernel hands out for port 0 can be handed out again to
+    any process before the child binds it — vLLM's engine picks its internal ports that way during the minutes a
+    service's engine takes to start, and a teacher once failed to bind its gRPC port because of it. Ports below the
+    range are only ever taken by an explicit bind."""
+    high = max(low + 1000, _ephemeral_low())
+    candidates = random.sample(range(low, high), k=min(200, high - low))
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # every candidate taken: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

@@ -21,10 +21,13 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _corpus() -> list[str]:
-    from services.tasks.math_word_problems import MathWordProblems
+    """Text of every built-in use case (prompts and references), so the tiny tokenizer has their words."""
+    from services.tasks.builtin import TASKS
 
-    task = MathWordProblems()
-    lines = [p.question + " " + p.solution for p in task.generate(600, seed=7, split="train")]
+    lines = []
+    for task in TASKS.values():
+        for e in task.generate(300, 0, 7):
+            lines += [content for _, content in e.content.messages] + [e.reference or ""]
     lines += ["You are a helpful AI assistant.", "system user assistant", "The answer is 0 1 2 3 4 5 6 7 8 9."]
     return lines
 

@@ -52,3 +52,12 @@ def test_no_bootstrap_and_no_broker_is_a_clear_error(tmp_path: Path, monkeypatch
         resolve_bootstrap(KafkaSettings(bootstrap=None))
     monkeypatch.setenv("DISTILLERY_KAFKA_BOOTSTRAP", "kafka.example:9092")
     assert resolve_bootstrap(KafkaSettings()) == "kafka.example:9092"
+
+
+def test_free_ports_are_below_the_ephemeral_range() -> None:
+    """A port the kernel hands out for port 0 can be handed out again before the child service binds it."""
+    from services.common.process import _ephemeral_low, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= p < _ephemeral_low() for p in ports)
+    assert len(ports) > 1
