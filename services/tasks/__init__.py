@@ -1,5 +1,6 @@
-"""Use cases: prompt generators with reference answers, and the checkers that score answers."""
+"""Use cases as data: JSONL prompts (`dataset`), checkers that judge answers (`checkers`), built-in generators."""
 
-from services.tasks.base import Problem, Task, get_task, task_names
+from services.tasks.checkers import Checker, CheckerError, parse_checker
+from services.tasks.dataset import Content, DatasetError, Example, read_examples
 
-__all__ = ["Problem", "Task", "get_task", "task_names"]
+__all__ = ["Checker", "CheckerError", "Content", "DatasetError", "Example", "parse_checker", "read_examples"]

@@ -1,4 +1,4 @@
-"""The seed task: grade-school math word problems with reference answers and an answer checker.
+"""Built-in use case: grade-school math word problems, exported as prompts with worked solutions (`numeric` checker).
 
 "How many cookies did you sell if you sold 320 chocolate cookies and 270 vanilla cookies?" A seeded generator
 fills many templates (people, objects, verbs; one- and two-step; +, -, ×). Difficulty is the size of the
@@ -7,19 +7,29 @@ numbers and the number of steps:
     1: one step, + or -, numbers up to 20       3: two steps (+-, ×+, --), numbers up to 50
     2: one step, +, - or ×, numbers up to 100   4: one or two steps, numbers in the hundreds
 
-A problem's split (train / eval) follows from a hash of its text, so the held-out split never shares a
-question with the training split, whatever the seeds.
+Held-out problems are fact-disjoint from training ones. Every step of a worked solution is a fact ("8 + 4 = 12";
+4 + 8 is the same fact as 8 + 4), and a fact's split follows from a hash of the fact alone: `EVAL_FACT_FRACTION` of
+all facts are held out. A problem is held out when every fact it uses is, trained on when none is, and never
+generated otherwise, so no held-out fact appears in any training prompt, reference or teacher sample: a student
+must do arithmetic it never saw, not recall it with new wording around it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.tasks.base import Problem
+from services.tasks.dataset import Content, Example, fill_splits
+
+NAME = "math_word_problems"
+CHECKER = "numeric"
+SYSTEM_PROMPT = "Solve the math word problem. Finish with: The answer is <number>."
+#: The name of the phrasing with SYSTEM_PROMPT (a declared variant of every problem).
+INSTRUCTIONS = "instructions"
+#: Fraction of arithmetic facts held out (per fact, not per problem).
+EVAL_FACT_FRACTION = 0.2
 
 NAMES = [
     ("Sam", "he"), ("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Noah", "he"), ("Emma", "she"),
@@ -37,11 +47,6 @@ CONTAINERS = ["box", "basket", "jar", "bag", "bowl", "drawer"]
 PLACES = ["shop", "library", "school", "bakery", "farm", "classroom"]
 GET_VERBS = ["buys", "finds", "gets", "collects", "is given", "wins"]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
-
-SYSTEM_PROMPT = "Solve the math word problem. Finish with: The answer is <number>."
-
-_ANSWER_RE = re.compile(r"answer\s*(?:is|:|=)?\s*[:=]?\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
-_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 @dataclass
@@ -126,15 +131,38 @@ TWO_STEP: list[Template] = [
 ]  # fmt: skip
 
 _SYMBOL = {"add": "+", "sub": "-", "mul": "×"}
+_APPLY = {"add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y}
 
 
-def _solution(op: str, a: int, b: int, c: int, answer: int) -> str:
+def steps(op: str, a: int, b: int, c: int) -> list[tuple[str, int, int]]:
+    """The (operation, left, right) of each step of the worked solution, in order."""
     if op in _SYMBOL:
-        return f"{a} {_SYMBOL[op]} {b} = {answer}. The answer is {answer}."
+        return [(op, a, b)]
     first, second = op.split("_")
-    mid = {"add": a + b, "sub": a - b, "mul": a * b}[first]
-    return (f"{a} {_SYMBOL[first]} {b} = {mid}. {mid} {_SYMBOL[second]} {c} = {answer}. "
-            f"The answer is {answer}.")  # fmt: skip
+    return [(first, a, b), (second, _APPLY[first](a, b), c)]
+
+
+def fact_key(op: str, x: int, y: int) -> str:
+    """A fact as text; + and × are commutative, so 4 + 8 and 8 + 4 are one fact ("add:4:8")."""
+    if op in ("add", "mul"):
+        x, y = min(x, y), max(x, y)
+    return f"{op}:{x}:{y}"
+
+
+def fact_split(key: str, eval_fraction: float = EVAL_FACT_FRACTION) -> str:
+    bucket = int(hashlib.sha256(f"{NAME}/fact/{key}".encode()).hexdigest()[:8], 16)
+    return "eval" if bucket < eval_fraction * 2**32 else "train"
+
+
+def problem_split(facts: list[str]) -> str | None:
+    """ "eval" when every fact is held out, "train" when none is, None (not generated) when they are mixed."""
+    splits = {fact_split(f) for f in facts}
+    return splits.pop() if len(splits) == 1 else None
+
+
+def solution(op: str, a: int, b: int, c: int, answer: int) -> str:
+    lines = [f"{x} {_SYMBOL[o]} {y} = {_APPLY[o](x, y)}." for o, x, y in steps(op, a, b, c)]
+    return " ".join([*lines, f"The answer is {answer}."])
 
 
 def _numbers(rng: random.Random, op: str, difficulty: int) -> tuple[int, int, int]:
@@ -156,76 +184,48 @@ def _numbers(rng: random.Random, op: str, difficulty: int) -> tuple[int, int, in
     return a, b, c
 
 
-def split_of(question: str, eval_fraction: float = 0.2) -> str:
-    bucket = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 1000
-    return "eval" if bucket < eval_fraction * 1000 else "train"
+def templates(difficulty: int) -> list[Template]:
+    if difficulty not in (1, 2, 3, 4):
+        raise ValueError(f"difficulty={difficulty!r}: must be 1, 2, 3 or 4")
+    return {1: ADD + SUB, 2: ADD + SUB + MUL, 3: TWO_STEP, 4: ADD + SUB + TWO_STEP[:1] + TWO_STEP[2:]}[difficulty]
 
 
-class MathWordProblems:
-    """Grade-school math word problems; answers are integers."""
+def messages(question: str) -> Content:
+    """The question alone: the default teacher answered more held-out problems without the instructions (0.183)
+    than with them as a system prompt (0.120; 300 fact-disjoint problems, greedy), and the prompt is half as long."""
+    return Content(messages=(("user", question),))
 
-    name = "math_word_problems"
-    system_prompt = SYSTEM_PROMPT
 
-    def templates(self, difficulty: int) -> list[Template]:
-        if difficulty not in (1, 2, 3, 4):
-            raise ValueError(f"difficulty={difficulty!r}: must be 1, 2, 3 or 4")
-        return {1: ADD + SUB, 2: ADD + SUB + MUL, 3: TWO_STEP, 4: ADD + SUB + TWO_STEP[:1] + TWO_STEP[2:]}[difficulty]
+def with_instructions(question: str) -> Content:
+    """The other phrasing the task declares: the answer format as a system prompt (the teacher is tried in both)."""
+    return Content(messages=(("system", SYSTEM_PROMPT), ("user", question)))
 
-    def generate(self, n: int, seed: int, split: str, difficulty: int = 1) -> list[Problem]:
-        """`n` distinct problems of the given split, reproducible from `seed`."""
-        if split not in ("train", "eval"):
-            raise ValueError(f"split={split!r}: must be 'train' or 'eval'")
-        rng = random.Random(f"{self.name}/{seed}/{difficulty}")
-        templates = self.templates(difficulty)
-        out: list[Problem] = []
-        seen: set[str] = set()
-        attempts = 0
-        while len(out) < n:
-            attempts += 1
-            if attempts > 200 * n + 1000:
-                raise ValueError(f"n={n}: not enough distinct {split} problems at difficulty {difficulty}")
-            op, text, fn = rng.choice(templates)
-            a, b, c = _numbers(rng, op, difficulty)
-            slots = _slots(rng)
-            question = text.format(a=a, b=b, c=c, **{k: getattr(slots, k) for k in _SLOT_NAMES})
-            if question in seen or split_of(question) != split:
-                continue
-            seen.add(question)
-            answer = fn(a, b, c)
-            digest = hashlib.sha256(question.encode()).hexdigest()[:12]
-            out.append(
-                Problem(
-                    prompt_id=f"mwp-d{difficulty}-{digest}",
-                    question=question,
-                    answer=str(answer),
-                    solution=_solution(op, a, b, c, answer),
-                    split=split,
-                    difficulty=difficulty,
-                    metadata={"op": op},
-                )
-            )
-        return out
 
-    def messages(self, problem: Problem) -> list[dict[str, str]]:
-        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": problem.question}]
+def generate(n_train: int, n_eval: int, seed: int = 0, difficulty: int = 1) -> list[Example]:
+    """`n_train` training and `n_eval` held-out problems (distinct questions, fact-disjoint), reproducible."""
+    rng = random.Random(f"{NAME}/{seed}/{difficulty}")
+    table = templates(difficulty)
 
-    def extract(self, completion: str) -> str | None:
-        """The final answer: the number after the last "answer is", else the last number in the text."""
-        found = _ANSWER_RE.findall(completion)
-        candidates = found or _NUMBER_RE.findall(completion)
-        if not candidates:
+    def draw(wanted: dict[str, int]) -> Example | None:
+        op, text, fn = rng.choice(table)
+        a, b, c = _numbers(rng, op, difficulty)
+        slots = _slots(rng)
+        question = text.format(a=a, b=b, c=c, **{k: getattr(slots, k) for k in _SLOT_NAMES})
+        facts = [fact_key(*step) for step in steps(op, a, b, c)]
+        split = problem_split(facts)
+        if split is None:
             return None
-        value = candidates[-1].replace(",", "")
-        try:
-            number = float(value)
-        except ValueError:
-            return None
-        return str(int(number)) if number == int(number) else str(number)
+        answer = fn(a, b, c)
+        return Example(
+            id=f"mwp-d{difficulty}-{hashlib.sha256(question.encode()).hexdigest()[:12]}",
+            content=messages(question),
+            variants={INSTRUCTIONS: with_instructions(question)},
+            reference=solution(op, a, b, c, answer),
+            split=split,
+            metadata={"op": op, "facts": " ".join(facts), "answer": str(answer), "difficulty": str(difficulty)},
+        )
 
-    def check(self, completion: str, reference: str) -> bool:
-        got = self.extract(completion)
-        return got is not None and got == self.extract(reference)
+    return fill_splits(n_train, n_eval, draw, f"problems at difficulty {difficulty}")
 
 
 _SLOT_NAMES = [
