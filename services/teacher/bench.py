@@ -79,12 +79,10 @@ def _sampling(config: BenchConfig) -> pb.common.SamplingParams:
 
 
 def _records(config: BenchConfig, sampling: pb.common.SamplingParams) -> list[pb.common.PromptRecord]:
-    from services.tasks import get_task
-    from services.teacher.prompts import problem_record
+    from services.tasks.builtin import DEFAULT_TASK, default_prompts
+    from services.teacher.prompts import example_record
 
-    task = get_task("math_word_problems")
-    problems = task.generate(config.prompts, seed=1234, split="train", difficulty=2)
-    return [problem_record(p, sampling=sampling) for p in problems]
+    return [example_record(e, DEFAULT_TASK, sampling) for e in default_prompts(config.prompts, seed=1234)]
 
 
 async def _bench_service(

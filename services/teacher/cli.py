@@ -102,7 +102,7 @@ def publish(
 
 def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Only the JSON result on stdout.")] = False,
-    prompts: Annotated[int, typer.Option(help="Prompts (math word problems) per measurement.")] = 64,
+    prompts: Annotated[int, typer.Option(help="Prompts (of the default built-in use case) per measurement.")] = 64,
     max_tokens: Annotated[int, typer.Option(help="Most tokens generated per prompt.")] = 128,
     ignore_eos: Annotated[
         bool, typer.Option(help="Run every completion to max_tokens (identical work in all three runs).")

@@ -48,6 +48,25 @@ def render_prompt(
     return prompt, where
 
 
+def record_prompt(engine: TeacherEngine, record: pb.common.PromptRecord) -> Prompt:
+    """A prompt record's chat or text content → `Prompt` (errors name the record's fields)."""
+    content = record.WhichOneof("content")
+    prompt, _ = render_prompt(
+        engine,
+        record.chat.messages if content == "chat" else [],
+        record.text if content == "text" else "",
+        messages_field="chat.messages",
+        text_field="text",
+    )
+    return prompt
+
+
+def check_token_ids(where: str, ids: Sequence[int], vocab_size: int) -> None:
+    for i, token in enumerate(ids):
+        if not 0 <= token < vocab_size:
+            raise InvalidArgument(f"{where}[{i}]", token, f"not a token id of this model (vocab size {vocab_size})")
+
+
 def check_length(engine: TeacherEngine, tokens: int, where: str, reserve: int = 1) -> None:
     limit = engine.info.max_model_len - reserve
     if tokens > limit:

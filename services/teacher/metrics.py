@@ -26,6 +26,10 @@ SCORED_TOKENS = Counter(
     "distillery_teacher_scored_tokens_total",
     "Reference-answer tokens the teacher scored for teacher-forced samples (prompt records with score_reference).",
 )
+SCORED_STUDENT_TOKENS = Counter(
+    "distillery_teacher_scored_student_tokens_total",
+    "Student completion tokens the teacher scored for on-policy samples (prompt records with score_completion).",
+)
 SAMPLES_PUBLISHED = Counter(
     "distillery_teacher_samples_published_total", "Teacher samples the broker acknowledged on the samples topic."
 )

@@ -1,7 +1,7 @@
 """Prompt records: validation, JSONL parsing, and publishing to the prompts topic (CLI and demo).
 
 One JSONL line is one prompt:
-    {"prompt_id": "p1", "messages": [{"role": "user", "content": "…"}], "task": "math_word_problems",
+    {"prompt_id": "p1", "messages": [{"role": "user", "content": "…"}], "task": "my_use_case",
      "reference_answer": "8", "split": "train", "sampling": {"temperature": 0.8, "n": 4}}
 `text` may replace `messages` (a raw prompt, no chat template). Only `prompt_id` and the content are required.
 """
@@ -9,7 +9,7 @@ One JSONL line is one prompt:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common import pb
 from services.common.kafka import ProtoProducer, ensure_topics
-from services.common.settings import KafkaSettings, ServiceSettings
-from services.tasks import Problem, get_task
+from services.common.settings import KafkaSettings
+from services.tasks import Content, Example
 
 SPLITS = {
     "": pb.common.SPLIT_UNSPECIFIED,
@@ -35,8 +35,9 @@ def validate_prompt_record(record: pb.common.PromptRecord) -> None:
     if not record.prompt_id:
         raise ValueError("prompt_id is empty")
     content = record.WhichOneof("content")
-    if content is None:
-        raise ValueError("content is not set: give chat or text")
+    # A student completion to score carries its own prompt tokens: the content is then optional.
+    if content is None and not record.HasField("score_completion"):
+        raise ValueError("content is not set: give chat or text (or score_completion)")
     if content == "chat" and not record.chat.messages:
         raise ValueError("chat.messages is empty")
 
@@ -145,36 +146,33 @@ def publish(
     return sent
 
 
-def problem_record(
-    problem: Problem, task: str = "math_word_problems", sampling: pb.common.SamplingParams | None = None
+def example_record(
+    example: Example,
+    task: str,
+    sampling: pb.common.SamplingParams | None = None,
+    *,
+    content: Content | None = None,
+    variant: str = "",
+    score_reference: bool = False,
 ) -> pb.common.PromptRecord:
-    """A task problem as a chat prompt with its reference answer."""
+    """A prompt of a JSONL prompts file (`services.tasks.dataset`) as a prompt record: its chat or text (or another
+    phrasing of it, `content` named `variant`), reference answer, split and metadata."""
     record = pb.common.PromptRecord(
-        prompt_id=problem.prompt_id,
+        prompt_id=example.id,
         task=task,
-        reference_answer=problem.answer,
-        split=SPLITS.get(problem.split, pb.common.SPLIT_UNSPECIFIED),  # type: ignore[arg-type]
-        metadata={"difficulty": str(problem.difficulty), **problem.metadata},
+        split=SPLITS.get(example.split or "", pb.common.SPLIT_UNSPECIFIED),  # type: ignore[arg-type]
+        prompt_variant=variant,
+        score_reference=score_reference,
+        metadata=example.metadata,
     )
-    for message in get_task(task).messages(problem):
-        record.chat.messages.add(role=message["role"], content=message["content"])
+    content = content or example.content
+    if content.messages:
+        for role, text in content.messages:
+            record.chat.messages.add(role=role, content=text)
+    else:
+        record.text = content.prompt
+    if example.reference is not None:
+        record.reference_answer = example.reference
     if sampling is not None:
         record.sampling.CopyFrom(sampling)
     return stamp(record)
-
-
-def publish_problems(
-    settings: KafkaSettings | ServiceSettings,
-    problems: Iterable[Problem],
-    sampling: pb.common.SamplingParams | Mapping[str, Any] | None = None,
-    task: str = "math_word_problems",
-) -> int:
-    """Publishes `services.tasks` problems (train and eval alike) as prompt records; returns the count.
-
-    `settings` is the Kafka settings or any service's settings; `sampling` applies to every prompt: a
-    `SamplingParams` or a dict like `{"temperature": 0.8, "n": 4}`.
-    """
-    kafka = settings.kafka if isinstance(settings, ServiceSettings) else settings
-    if isinstance(sampling, Mapping):
-        sampling = json_format.ParseDict(dict(sampling), pb.common.SamplingParams())
-    return publish(kafka, (problem_record(p, task, sampling) for p in problems))

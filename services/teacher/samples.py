@@ -14,10 +14,41 @@ from services.teacher.sampling import Sampling
 from services.teacher.servicer import FINISH_REASONS
 
 
-def sample_id(prompt_id: str, model: str, revision: str, sampling: Sampling, sample_index: int) -> str:
-    """Same prompt, teacher, sampling and index → same id, so consumers can drop redelivered duplicates."""
+def sample_id(
+    prompt_id: str, model: str, revision: str, sampling: Sampling, sample_index: int, prompt_variant: str = ""
+) -> str:
+    """Same prompt (and variant), teacher, sampling and index → same id, so consumers can drop redelivered
+    duplicates."""
     parts = [prompt_id, model, revision, sampling.canonical(), str(sample_index)]
+    # Only when set: records without a variant keep the ids they had before variants existed.
+    if prompt_variant:
+        parts.append(prompt_variant)
+    return _digest(parts)
+
+
+def student_sample_id(
+    prompt_id: str, model: str, revision: str, completion: pb.common.StudentCompletion, prompt_variant: str = ""
+) -> str:
+    """Same prompt, teacher, student run, step and completion tokens → same id: a redelivered record dedupes, and
+    two different completions never share an id. Sampling is left out: it sets only k, not what is scored."""
+    tokens = ",".join(map(str, completion.completion_token_ids))
+    # The leading tag keeps these ids apart from generated ones whatever the other parts hold.
+    parts = ["scored_student", prompt_id, model, revision, completion.run_id, str(completion.student_step), tokens]
+    if prompt_variant:
+        parts.append(prompt_variant)
+    return _digest(parts)
+
+
+def _digest(parts: list[str]) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def sample_source(record: pb.common.PromptRecord) -> pb.common.SampleSource.ValueType:
+    if record.HasField("score_completion"):
+        return pb.common.SAMPLE_SOURCE_SCORED_STUDENT
+    if record.score_reference:
+        return pb.common.SAMPLE_SOURCE_SCORED_REFERENCE
+    return pb.common.SAMPLE_SOURCE_GENERATED
 
 
 @dataclass
@@ -54,7 +85,7 @@ def build_sample(
     finished_at = Timestamp()
     finished_at.GetCurrentTime()
     sample = pb.common.TeacherSample(
-        sample_id=sample_id(record.prompt_id, info.name, info.revision, sampling, completion.index),
+        sample_id=_record_sample_id(record, info, sampling, completion.index),
         prompt_id=record.prompt_id,
         task=record.task,
         split=record.split,
@@ -73,6 +104,7 @@ def build_sample(
         sample_index=completion.index,
         prompt_text=prompt.text,
     )
+    _set_provenance(sample, record)
     if record.HasField("reference_answer"):
         sample.reference_answer = record.reference_answer
     sample.prompt_token_ids.extend(prompt.token_ids)
@@ -81,6 +113,25 @@ def build_sample(
     sample.top_ids.extend(completion.logprobs.top_ids)
     sample.top_logprobs.extend(completion.logprobs.top_logprobs)
     return sample
+
+
+def _record_sample_id(record: pb.common.PromptRecord, info: ModelInfo, sampling: Sampling, index: int) -> str:
+    if record.HasField("score_completion"):
+        return student_sample_id(
+            record.prompt_id, info.name, info.revision, record.score_completion, record.prompt_variant
+        )
+    return sample_id(record.prompt_id, info.name, info.revision, sampling, index, record.prompt_variant)
+
+
+def _set_provenance(sample: pb.common.TeacherSample, record: pb.common.PromptRecord) -> None:
+    """Where the completion came from, so the trainer can tell distillation, reference and on-policy data apart."""
+    sample.source = sample_source(record)
+    sample.prompt_variant = record.prompt_variant
+    # Older consumers only know the bool.
+    sample.scored_reference = sample.source == pb.common.SAMPLE_SOURCE_SCORED_REFERENCE
+    if sample.source == pb.common.SAMPLE_SOURCE_SCORED_STUDENT:
+        sample.student_run_id = record.score_completion.run_id
+        sample.student_step = record.score_completion.student_step
 
 
 def queue_seconds(record_timestamp_ms: int) -> float:

@@ -13,7 +13,7 @@ from services.common import pb
 from services.common.errors import InvalidArgument, ResourceExhausted, grpc_method
 from services.teacher import metrics
 from services.teacher.engine import FinishReason, Logprobs, TeacherEngine
-from services.teacher.inputs import check_length, render_prompt
+from services.teacher.inputs import check_length, check_token_ids, render_prompt
 from services.teacher.sampling import Limits, sampling_from_proto
 
 FINISH_REASONS: dict[FinishReason | None, int] = {
@@ -111,13 +111,13 @@ class TeacherServicer(pb.teacher_grpc.TeacherServiceServicer):
             raise InvalidArgument(given[1], "set", f"give one of prompt_token_ids, messages or prompt, not {given}")
         if request.prompt_token_ids:
             prompt_ids = list(request.prompt_token_ids)
-            _check_ids("prompt_token_ids", prompt_ids, info.vocab_size)
+            check_token_ids("prompt_token_ids", prompt_ids, info.vocab_size)
         else:
             prompt_ids = render_prompt(self.engine, request.messages, request.prompt)[0].token_ids
         completion = list(request.completion_token_ids)
         if not completion:
             raise InvalidArgument("completion_token_ids", [], "empty: nothing to score")
-        _check_ids("completion_token_ids", completion, info.vocab_size)
+        check_token_ids("completion_token_ids", completion, info.vocab_size)
         top_k = request.top_k or min(self.limits.default_top_k, info.max_logprobs)
         if top_k > info.max_logprobs:
             raise InvalidArgument("top_k", top_k, f"top-k logprobs must be in [1, {info.max_logprobs}]")
@@ -139,9 +139,3 @@ class TeacherServicer(pb.teacher_grpc.TeacherServiceServicer):
             max_logprobs=info.max_logprobs,
             parameter_count=info.parameter_count,
         )
-
-
-def _check_ids(where: str, ids: list[int], vocab_size: int) -> None:
-    for i, token in enumerate(ids):
-        if not 0 <= token < vocab_size:
-            raise InvalidArgument(f"{where}[{i}]", token, f"not a token id of this model (vocab size {vocab_size})")

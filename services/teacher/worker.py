@@ -2,8 +2,9 @@
 
 Replicas share the prompt partitions through one consumer group. The worker keeps up to `batch_size` prompts
 submitted to the engine and refills as they finish, so vLLM's continuous batch stays full. Each completion becomes
-one `TeacherSample` (key = prompt_id, deterministic sample_id). A prompt's offset becomes committable only after
-the broker acknowledged all of its samples, and a partition is committed only up to its lowest unfinished record
+one `TeacherSample` (key = prompt_id, deterministic sample_id); a record with score_reference or score_completion
+is scored instead, in one prefill (`scoring.py`), and gives one sample. A prompt's offset becomes committable only
+after the broker acknowledged all of its samples, and a partition is committed only up to its lowest unfinished record
 (`offsets.PartitionOffsets`): a crash redelivers unfinished prompts (duplicates) and never skips one (gaps).
 Records that cannot be used (undecodable, invalid, refused by the engine) go to the dead-letter topic with the
 reason, and the stream goes on. A dead engine or a broker that stops acknowledging stops the worker with an error.
@@ -29,12 +30,13 @@ from services.common import pb
 from services.common.errors import InvalidArgument
 from services.common.kafka import DeadLetterWriter, ProtoConsumer, ProtoProducer, Received, RecordTooLarge
 from services.teacher import metrics
-from services.teacher.engine import EngineDead, Logprobs, Prompt, TeacherEngine
-from services.teacher.inputs import render_prompt
+from services.teacher.engine import EngineDead, Logprobs, TeacherEngine
+from services.teacher.inputs import record_prompt
 from services.teacher.offsets import PartitionOffsets
 from services.teacher.prompts import validate_prompt_record
 from services.teacher.samples import Completion, build_sample, queue_seconds
 from services.teacher.sampling import Limits, Sampling, sampling_from_proto
+from services.teacher.scoring import ScoreTarget, score_target
 from services.teacher.settings import TeacherSettings
 
 logger = logging.getLogger(__name__)
@@ -204,18 +206,12 @@ class PromptWorker:
 
     async def _generate_and_publish(self, record: Record, prompt_record: pb.common.PromptRecord) -> None:
         sampling = sampling_from_proto(prompt_record.sampling, self.limits)
-        content = prompt_record.WhichOneof("content")
-        prompt, _ = render_prompt(
-            self.engine,
-            prompt_record.chat.messages if content == "chat" else [],
-            prompt_record.text if content == "text" else "",
-            messages_field="chat.messages",
-            text_field="text",
-        )
         queue_s = queue_seconds(record.timestamp_ms)
-        if prompt_record.score_reference:
-            await self._score_and_publish(prompt_record, prompt, sampling, queue_s)
+        target = score_target(self.engine, prompt_record)
+        if target is not None:
+            await self._score_and_publish(prompt_record, target, sampling, queue_s)
             return
+        prompt = record_prompt(self.engine, prompt_record)
         completions = {i: Completion(i, Logprobs(sampling.logprobs)) for i in range(sampling.n)}
         request_id = f"{prompt_record.prompt_id}-{uuid.uuid4().hex[:8]}"
         submitted = time.monotonic()
@@ -239,26 +235,19 @@ class PromptWorker:
         await self._publish(prompt_record.prompt_id, samples)
 
     async def _score_and_publish(
-        self, prompt_record: pb.common.PromptRecord, prompt: Prompt, sampling: Sampling, queue_s: float
+        self, prompt_record: pb.common.PromptRecord, target: ScoreTarget, sampling: Sampling, queue_s: float
     ) -> None:
-        """Teacher-forced data: the teacher's top-k logprobs at every token of the reference answer (a prefill)."""
-        if not prompt_record.HasField("reference_answer") or not prompt_record.reference_answer.strip():
-            raise InvalidArgument("reference_answer", "", "score_reference needs a reference answer to score")
-        if sampling.logprobs < 1:
-            raise InvalidArgument("sampling.logprobs", sampling.logprobs, "score_reference needs top-k logprobs")
-        reference = self.engine.encode_completion(prompt_record.reference_answer)
-        limit = self.engine.info.max_model_len
-        if len(prompt.token_ids) + len(reference) > limit:
-            reason = f"prompt + reference exceed the model's context of {limit} tokens"
-            raise InvalidArgument("reference_answer", f"{len(reference)} tokens", reason)
+        """Teacher-forced data (a reference answer) or on-policy data (a student's completion): the teacher's top-k
+        logprobs at every token of the given completion, from one prefill."""
+        prompt, tokens = target.prompt, target.token_ids
         started = time.monotonic()
-        logprobs = await self.engine.score([*prompt.token_ids, *reference], len(prompt.token_ids), sampling.logprobs)
+        logprobs = await self.engine.score([*prompt.token_ids, *tokens], len(prompt.token_ids), sampling.logprobs)
         elapsed = time.monotonic() - started
-        completion = Completion(0, logprobs, token_ids=reference, text=prompt_record.reference_answer,
+        completion = Completion(0, logprobs, token_ids=tokens, text=target.text,
                                 finish_reason="stop", first_token_s=elapsed, total_s=elapsed)  # fmt: skip
         sample = build_sample(prompt_record, prompt, completion, sampling, self.engine.info, queue_s)
-        sample.scored_reference = True
-        metrics.SCORED_TOKENS.inc(len(reference))
+        student = sample.source == pb.common.SAMPLE_SOURCE_SCORED_STUDENT
+        (metrics.SCORED_STUDENT_TOKENS if student else metrics.SCORED_TOKENS).inc(len(tokens))
         await self._publish(prompt_record.prompt_id, [sample])
 
     async def _publish(self, prompt_id: str, samples: list[pb.common.TeacherSample]) -> None:

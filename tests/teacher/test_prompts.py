@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from services.common import pb
-from services.tasks import get_task
-from services.teacher.prompts import BadLine, problem_record, read_jsonl, record_from_json, validate_prompt_record
+from services.tasks import Content, Example
+from services.tasks.builtin import get_builtin
+from services.teacher.prompts import BadLine, example_record, read_jsonl, record_from_json, validate_prompt_record
 
 
 def test_jsonl_lines_parse_and_bad_lines_report_their_numbers(tmp_path: Path) -> None:
     lines = [
-        json.dumps({"prompt_id": "a", "messages": [{"role": "user", "content": "2+2?"}], "task": "math_word_problems",
+        json.dumps({"prompt_id": "a", "messages": [{"role": "user", "content": "2+2?"}], "task": "sums",
                     "reference_answer": 4, "split": "eval", "sampling": {"temperature": 0.5, "n": 2,
                     "extra": {"ignore_eos": True}}}),
         "",
@@ -56,16 +57,28 @@ def test_records_need_an_id_and_content() -> None:
         record_from_json(["not", "an", "object"])
 
 
-def test_task_problems_become_chat_records_with_reference_answers() -> None:
-    task = get_task("math_word_problems")
-    train, held_out = task.generate(2, seed=3, split="train"), task.generate(2, seed=3, split="eval")
+def test_records_with_a_student_completion_to_score_need_no_content() -> None:
+    score = pb.common.StudentCompletion(prompt_token_ids=[1, 2], completion_token_ids=[3], run_id="r", student_step=1)
+    validate_prompt_record(pb.common.PromptRecord(prompt_id="p", score_completion=score))
+    with pytest.raises(ValueError, match="prompt_id"):
+        validate_prompt_record(pb.common.PromptRecord(score_completion=score))
+
+
+def test_prompts_file_lines_become_records_with_their_phrasing_and_reference() -> None:
+    examples = get_builtin("math_word_problems").generate(2, 2, 3)
     sampling = pb.common.SamplingParams(temperature=0.8, n=4)
-    for problem in train + held_out:
-        record = problem_record(problem, sampling=sampling)
+    for example in examples:
+        record = example_record(example, "sums", sampling)
         validate_prompt_record(record)
-        assert record.prompt_id == problem.prompt_id
-        assert record.reference_answer == problem.answer
-        assert [m.role for m in record.chat.messages] == [m["role"] for m in task.messages(problem)]
-        assert record.sampling.n == 4
-    assert problem_record(held_out[0]).split == pb.common.SPLIT_EVAL
-    assert problem_record(train[0]).split == pb.common.SPLIT_TRAIN
+        assert (record.prompt_id, record.task, record.reference_answer) == (example.id, "sums", example.reference)
+        assert [(m.role, m.content) for m in record.chat.messages] == list(example.content.messages)
+        assert record.sampling.n == 4 and record.prompt_variant == ""
+        assert record.split == (pb.common.SPLIT_EVAL if example.split == "eval" else pb.common.SPLIT_TRAIN)
+        assert record.metadata["facts"] == example.metadata["facts"]
+    bare = examples[0].content.without_system()
+    assert bare is not None
+    variant = example_record(examples[0], "sums", content=bare, variant="no_system", score_reference=True)
+    assert [m.role for m in variant.chat.messages] == ["user"] and variant.prompt_variant == "no_system"
+    assert variant.score_reference
+    raw = example_record(Example("t", Content(prompt="plain text")), "sums")
+    assert raw.text == "plain text" and not raw.HasField("reference_answer")

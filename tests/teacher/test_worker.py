@@ -4,72 +4,28 @@ dead-lettered while the stream goes on, offsets committed only past acknowledged
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from services.common import pb
-from services.common.kafka import ProtoConsumer, ProtoProducer, ensure_topics, schema_headers
+from services.common.kafka import ProtoProducer, ensure_topics, schema_headers
 from services.common.settings import KafkaSettings
 from services.teacher.main import TeacherApp
 from services.teacher.prompts import publish
 from services.teacher.samples import sample_id
 from services.teacher.sampling import sampling_from_proto
-from tests.teacher.conftest import chat_record, read_topic, teacher_settings
+from tests.teacher.conftest import chat_record, read_topic, read_until, running_worker, wait_committed
 
 
 @pytest.fixture
 async def worker_app(
     teacher_engine: Any, tiny_model_dir: Path, tmp_path: Path, kafka_settings: KafkaSettings
 ) -> AsyncIterator[TeacherApp]:
-    settings = teacher_settings(
-        tiny_model_dir,
-        tmp_path,
-        kafka=kafka_settings,
-        worker={"batch_size": 8, "group_id": f"teacher-{uuid.uuid4().hex[:6]}", "commit_interval_s": 0.1},
-    )
-    app = await TeacherApp.create(settings, engine=teacher_engine)
-    await app.start(metrics_server=False)
-    assert app.worker is not None
-    await asyncio.wait_for(app.worker.started.wait(), 30)
-    yield app
-    await app.close()
-
-
-def _committed(kafka: KafkaSettings, group: str, topic: str) -> dict[int, int | None]:
-    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return {p: consumer.committed(TopicPartition(topic, p)) for p in range(kafka.partitions)}
-    finally:
-        consumer.close()
-
-
-def _end_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in range(kafka.partitions)]
-        consumer.assign(tps)
-        # read to the end: the fetch high-water marks are right on every broker
-        while any(consumer.highwater(tp) is None or consumer.position(tp) < consumer.highwater(tp) for tp in tps):
-            consumer.poll(timeout_ms=200)
-        return {tp.partition: consumer.highwater(tp) for tp in tps}
-    finally:
-        consumer.close()
-
-
-async def _wait_committed(app: TeacherApp, want: dict[int, int]) -> None:
-    kafka = app.settings.kafka
-    for _ in range(100):
-        got = await asyncio.to_thread(_committed, kafka, app.settings.worker.group_id, kafka.topic_prompts)
-        if all((got.get(p) or 0) == end for p, end in want.items()):
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"committed {got}, want {want}")
+    async with running_worker(teacher_engine, tiny_model_dir, tmp_path, kafka_settings) as app:
+        yield app
 
 
 async def test_prompts_come_out_as_decodable_teacher_samples(worker_app: TeacherApp) -> None:
@@ -126,7 +82,7 @@ async def test_prompts_come_out_as_decodable_teacher_samples(worker_app: Teacher
         assert s.timings.total_s > 0 and s.timings.time_to_first_token_s > 0 and s.timings.finished_at.seconds > 0
     assert by_prompt["n-2"][0].sample_id != by_prompt["n-2"][1].sample_id
     # every prompt was acknowledged, so the group's offsets reach the end of the topic
-    await _wait_committed(worker_app, await asyncio.to_thread(_end_offsets, kafka, kafka.topic_prompts))
+    await wait_committed(worker_app.settings)
 
 
 async def test_malformed_records_are_dead_lettered_and_the_stream_continues(worker_app: TeacherApp) -> None:
@@ -168,7 +124,7 @@ async def test_malformed_records_are_dead_lettered_and_the_stream_continues(work
     assert all(r.value.service == "teacher" and r.value.source_topic == kafka.topic_prompts for r in letters)
     samples = await asyncio.to_thread(read_topic, kafka, kafka.topic_teacher_samples, pb.common.TeacherSample, 2)
     assert sorted(s.value.prompt_id for s in samples) == ["good-1", "good-2"]
-    await _wait_committed(worker_app, await asyncio.to_thread(_end_offsets, kafka, kafka.topic_prompts))
+    await wait_committed(worker_app.settings)
 
 
 async def test_score_reference_records_become_teacher_forced_samples(worker_app: TeacherApp) -> None:
@@ -181,8 +137,8 @@ async def test_score_reference_records_become_teacher_forced_samples(worker_app:
                        split=pb.common.SPLIT_TRAIN, sampling=sampling, score_reference=True)  # fmt: skip
     bad = chat_record("scored-none", "Bo has 2 cups.", sampling=sampling, score_reference=True)
     await asyncio.to_thread(publish, kafka, [bad, good])
-    samples = await asyncio.to_thread(_read_until, kafka, kafka.topic_teacher_samples, pb.common.TeacherSample,
-                                      lambda v: v.prompt_id == "scored-1")  # fmt: skip
+    samples = await asyncio.to_thread(read_until, kafka, kafka.topic_teacher_samples, pb.common.TeacherSample,
+                                     lambda v: v.prompt_id == "scored-1")  # fmt: skip
     (s,) = samples
     assert s.prompt_id == "scored-1" and s.scored_reference and s.sample_index == 0
     reference = engine.encode_completion(good.reference_answer)
@@ -196,22 +152,9 @@ async def test_score_reference_records_become_teacher_forced_samples(worker_app:
     for i in range(n):
         row = list(s.top_logprobs[i * k : (i + 1) * k])
         assert row == sorted(row, reverse=True) and s.sampled_logprobs[i] <= row[0] + 1e-6
-    dead = await asyncio.to_thread(_read_until, kafka, kafka.topic_dead_letters, pb.common.DeadLetter,
-                                   lambda v: b"scored-none" in v.value)  # fmt: skip
+    dead = await asyncio.to_thread(read_until, kafka, kafka.topic_dead_letters, pb.common.DeadLetter,
+                                  lambda v: b"scored-none" in v.value)  # fmt: skip
     assert len(dead) == 1 and dead[0].reason.startswith("reference_answer=") and dead[0].error_type == "invalid"
     # Nothing was published for the record without a reference.
-    assert not [v for v in await asyncio.to_thread(_read_until, kafka, kafka.topic_teacher_samples,
+    assert not [v for v in await asyncio.to_thread(read_until, kafka, kafka.topic_teacher_samples,
                 pb.common.TeacherSample, lambda v: v.prompt_id == "scored-none", 3.0)]  # fmt: skip
-
-
-def _read_until(kafka: KafkaSettings, topic: str, message_type: type, match: Any, timeout_s: float = 60.0) -> list:
-    """Values of `topic` (from its start, fresh group) that `match`, once at least one is found or at the timeout."""
-    consumer = ProtoConsumer(kafka, topic, message_type, group_id=f"until-{uuid.uuid4().hex}", client_name="reader")
-    found: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not found and time.monotonic() < deadline:
-            found.extend(r.value for r in consumer.poll(timeout_s=0.5) if r.value is not None and match(r.value))
-    finally:
-        consumer.close()
-    return found
