@@ -5,7 +5,8 @@ tokens never attend to the pads after them, so the fast `is_causal` attention pa
 position j predicts token j + 1; only the positions whose next token is a target (a teacher completion token or
 a reference-answer token) go through the 49k-wide LM head — prompts are masked out of the loss, and skipping
 their logits is the biggest saving for a small student (PLATFORM.md: 1,297 → 1,849 tokens/s).
-Teacher-item positions come first (Nt rows), reference-item positions after them (Nr rows).
+Rows come in three groups: teacher-sample positions of off-policy samples (Nt), then of scored student
+completions (No, on-policy), then reference-answer positions (Nr). The first two carry the teacher's top-k.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from services.trainer.buffer import SAMPLE, Item
+from services.trainer.buffer import SAMPLE, SOURCES, Item
 from services.trainer.losses import LossInputs, LossWeights, distillation_loss
 
 
@@ -28,16 +29,40 @@ class Batch:
     input_ids: Tensor  # (B, S) long, right-padded
     positions: Tensor  # (N,) long, flat indices into B*S of the hidden states that predict a target
     targets: Tensor  # (N,) long, the token each position predicts
-    n_teacher: int  # the first n_teacher rows come from teacher items
-    top_ids: Tensor  # (Nt, K) long
-    top_logprobs: Tensor  # (Nt, K) float, −inf padding
-    top_valid: Tensor  # (Nt, K) bool
+    n_teacher: int  # the first n_teacher rows come from off-policy teacher samples
+    n_student: int  # the next n_student rows from scored student completions (on-policy)
+    top_ids: Tensor  # (Nt + No, K) long
+    top_logprobs: Tensor  # (Nt + No, K) float, −inf padding
+    top_valid: Tensor  # (Nt + No, K) bool
     weights: Tensor  # (N,) float, the item's weight per position
     tokens: int  # real tokens in the batch (prompts included)
+    sources: Tensor  # (N,) long, index into buffer.SOURCES of each row's item
 
     @property
     def targets_count(self) -> int:
         return int(self.positions.shape[0])
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch on `device`; on CUDA the host tensors are pinned first so the copies run asynchronously."""
+        if device.type == "cpu":
+            return self
+
+        def move(t: Tensor) -> Tensor:
+            return t.pin_memory().to(device, non_blocking=True)
+
+        return Batch(
+            input_ids=move(self.input_ids),
+            positions=move(self.positions),
+            targets=move(self.targets),
+            n_teacher=self.n_teacher,
+            n_student=self.n_student,
+            top_ids=move(self.top_ids),
+            top_logprobs=move(self.top_logprobs),
+            top_valid=move(self.top_valid),
+            weights=move(self.weights),
+            tokens=self.tokens,
+            sources=self.sources,  # bookkeeping only: stays on the host
+        )
 
 
 def collate(items: Sequence[Item], pad_id: int) -> Batch:
@@ -46,22 +71,25 @@ def collate(items: Sequence[Item], pad_id: int) -> Batch:
     ids = np.full((len(items), width), pad_id, dtype=np.int64)
     for b, it in enumerate(items):
         ids[b, : len(it.input_ids)] = it.input_ids
-    teacher = [(b, it) for b, it in enumerate(items) if it.kind == SAMPLE]
+    teacher = [(b, it) for b, it in enumerate(items) if it.kind == SAMPLE and not it.on_policy]
+    student = [(b, it) for b, it in enumerate(items) if it.kind == SAMPLE and it.on_policy]
     reference = [(b, it) for b, it in enumerate(items) if it.kind != SAMPLE]
-    k = max((it.top_ids.shape[1] for _, it in teacher if it.top_ids is not None), default=1)
+    k = max((it.top_ids.shape[1] for _, it in teacher + student if it.top_ids is not None), default=1)
     positions: list[np.ndarray] = []
     targets: list[np.ndarray] = []
     weights: list[np.ndarray] = []
+    sources: list[np.ndarray] = []
     top_ids: list[np.ndarray] = []
     top_lp: list[np.ndarray] = []
-    for group in (teacher, reference):
+    for group in (teacher, student, reference):
         for b, it in group:
             c = it.targets
             # Position j (from prompt_len − 1) predicts token j + 1.
             positions.append(b * width + np.arange(it.prompt_len - 1, it.prompt_len - 1 + c))
             targets.append(np.asarray(it.input_ids[it.prompt_len :], dtype=np.int64))
             weights.append(np.full(c, it.weight, dtype=np.float32))
-            if group is teacher:
+            sources.append(np.full(c, SOURCES.index(it.source), dtype=np.int64))
+            if group is not reference:
                 ti = np.zeros((c, k), dtype=np.int64)
                 tl = np.full((c, k), -np.inf, dtype=np.float32)
                 if it.top_ids is not None and it.top_logprobs is not None:
@@ -71,6 +99,7 @@ def collate(items: Sequence[Item], pad_id: int) -> Batch:
                 top_ids.append(ti)
                 top_lp.append(tl)
     n_teacher = sum(it.targets for _, it in teacher)
+    n_student = sum(it.targets for _, it in student)
 
     def cat(parts: list[np.ndarray], dtype: Any, shape: tuple[int, ...]) -> Tensor:
         return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(shape, dtype=dtype)
@@ -81,20 +110,23 @@ def collate(items: Sequence[Item], pad_id: int) -> Batch:
         positions=cat(positions, torch.long, (0,)),
         targets=cat(targets, torch.long, (0,)),
         n_teacher=n_teacher,
+        n_student=n_student,
         top_ids=cat(top_ids, torch.long, (0, k)),
         top_logprobs=top_logprobs,
         top_valid=torch.isfinite(top_logprobs),
         weights=cat(weights, torch.float32, (0,)),
         tokens=sum(len(it.input_ids) for it in items),
+        sources=cat(sources, torch.long, (0,)),
     )
 
 
 def answer_logits(model: Any, input_ids: Tensor, positions: Tensor, autocast: bool, body: Any = None) -> Tensor:
     """Student logits at `positions` only: (B, S) ids, (N,) flat positions → (N, V).
 
-    `body` is the decoder to run (e.g. a `torch.compile`d `model.model`); default `model.model`.
+    `body` is the decoder to run (e.g. a `torch.compile`d `model.model`); default `model.model`. bf16 autocast
+    runs on the device the ids are on (CPU or CUDA).
     """
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         decoder = body if body is not None else model.model
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, S, H)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H)
@@ -102,26 +134,58 @@ def answer_logits(model: Any, input_ids: Tensor, positions: Tensor, autocast: bo
     return logits
 
 
+@dataclass
+class StepLoss:
+    """One micro-batch's loss (with its graph), its terms, and per signal source the summed per-position loss and
+    the number of target tokens (for RunProgress.loss_by_source / tokens_by_source)."""
+
+    loss: Tensor
+    parts: dict[str, float]
+    source_loss: dict[str, float]
+    source_tokens: dict[str, int]
+
+
 def batch_loss(
-    model: Any, batch: Batch, weights: LossWeights, autocast: bool, body: Any = None
-) -> tuple[Tensor, dict[str, float]]:
-    """The run's mixed loss for one (micro-)batch."""
+    model: Any,
+    batch: Batch,
+    weights: LossWeights,
+    autocast: bool,
+    body: Any = None,
+    on_policy: LossWeights | None = None,
+) -> StepLoss:
+    """The run's mixed loss for one (micro-)batch: `weights` on off-policy and reference rows, `on_policy` on
+    scored student completions."""
     logits = answer_logits(model, batch.input_ids, batch.positions, autocast, body)
-    nt = batch.n_teacher
-    return distillation_loss(
+    nt, no = batch.n_teacher, batch.n_student
+    loss, parts, per_position = distillation_loss(
         weights,
         LossInputs(
             t_logits=logits[:nt],
-            top_ids=batch.top_ids,
-            top_logprobs=batch.top_logprobs,
-            top_valid=batch.top_valid,
+            top_ids=batch.top_ids[:nt],
+            top_logprobs=batch.top_logprobs[:nt],
+            top_valid=batch.top_valid[:nt],
             sampled=batch.targets[:nt],
             t_weights=batch.weights[:nt],
-            r_logits=logits[nt:],
-            r_targets=batch.targets[nt:],
-            r_weights=batch.weights[nt:],
+            r_logits=logits[nt + no :],
+            r_targets=batch.targets[nt + no :],
+            r_weights=batch.weights[nt + no :],
+            o_logits=logits[nt : nt + no],
+            o_top_ids=batch.top_ids[nt : nt + no],
+            o_top_logprobs=batch.top_logprobs[nt : nt + no],
+            o_top_valid=batch.top_valid[nt : nt + no],
+            o_weights=batch.weights[nt : nt + no],
         ),
+        on_policy,
     )
+    codes = batch.sources.tolist()
+    values = per_position.cpu().tolist()
+    source_loss: dict[str, float] = {}
+    source_tokens: dict[str, int] = {}
+    for code, value in zip(codes, values, strict=True):
+        name = SOURCES[code]
+        source_loss[name] = source_loss.get(name, 0.0) + value
+        source_tokens[name] = source_tokens.get(name, 0) + 1
+    return StepLoss(loss, parts, source_loss, source_tokens)
 
 
 def lr_at(step: int, base: float, warmup: int, max_steps: int, min_ratio: float) -> float:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from services.common.cpu import native_bf16
 from services.common.vllm_engine import VllmSettings
 
 Log = Callable[[str], None]
@@ -57,15 +58,11 @@ class Sample:
 
 
 def _prompts(tokenizer: Any, n: int, seed: int) -> list[tuple[list[dict[str, str]], list[int]]]:
-    from services.tasks import get_task
+    from services.tasks.builtin import default_prompts
 
-    task = get_task("math_word_problems")
-    problems = []
-    for difficulty in (1, 2, 3, 4):
-        problems += task.generate((n + 3) // 4, seed=seed, split="train", difficulty=difficulty)
     out = []
-    for problem in problems[:n]:
-        messages = task.messages(problem)
+    for example in default_prompts(n, seed):
+        messages = example.content.chat()
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if not isinstance(ids, list):
             ids = ids["input_ids"]
@@ -141,7 +138,7 @@ def our_trainer(config: BenchConfig, student_dir: Path, samples: list[Sample], l
             for s in group
         ]
         batch = collate(items, pad)
-        loss, _ = batch_loss(model, batch, weights, autocast=True, body=body)
+        loss = batch_loss(model, batch, weights, autocast=native_bf16(), body=body).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -206,7 +203,7 @@ def trl_gkd(config: BenchConfig, student_dir: Path, teacher_dir: Path, samples: 
             lmbda=0.0,
             beta=0.0,
             use_cpu=True,
-            bf16=True,
+            bf16=native_bf16(),  # the same precision as ours: bf16 where the CPU has it natively
             max_length=1024,
             logging_steps=10_000,
             save_strategy="no",
@@ -249,7 +246,8 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="distillery-bench-student-") as tmp:
         student_dir = Path(tmp) / "student"
         log("student: pruning the default teacher (default recipe)")
-        student_parameters = make_student(teacher_dir, DEFAULT_STUDENT_RECIPE, student_dir)
+        calibration = [s.prompt_ids + s.completion_ids for s in samples[:64]]
+        student_parameters = make_student(teacher_dir, DEFAULT_STUDENT_RECIPE, student_dir, calibration)
         ours = our_trainer(config, student_dir, samples, log)
         trl = trl_gkd(config, student_dir, teacher_dir, samples, log) if config.trl else None
     teacher_parameters = parameter_count(teacher_dir)

@@ -24,10 +24,20 @@ import numpy as np
 SAMPLE = "sample"
 REFERENCE = "reference"
 
+# Where an item's training signal comes from (RunProgress.tokens_by_source, the report's signal_share): a teacher
+# sample of a teacher-written, reference or student completion, or a reference answer trained by cross-entropy only.
+GENERATED = "generated"
+SCORED_REFERENCE = "scored_reference"
+SCORED_STUDENT = "scored_student"
+SOURCES = (GENERATED, SCORED_REFERENCE, SCORED_STUDENT, REFERENCE)
+
 
 @dataclass
 class Item:
-    """One training sequence: prompt + targets. Teacher items carry top-k (C, K); reference items do not."""
+    """One training sequence: prompt + targets. Teacher items carry top-k (C, K); reference items do not.
+
+    `source` is one of SOURCES; `student_step` the step of the student that wrote a SCORED_STUDENT completion.
+    """
 
     partition: int
     offset: int
@@ -38,6 +48,12 @@ class Item:
     top_logprobs: np.ndarray | None = None  # (C, K) float32
     weight: float = 1.0
     uses: int = 0
+    source: str = GENERATED
+    student_step: int = -1
+
+    @property
+    def on_policy(self) -> bool:
+        return self.source == SCORED_STUDENT
 
     @property
     def key(self) -> tuple[int, int, str]:
@@ -82,12 +98,24 @@ class ReplayBuffer:
             self._fresh += 1
         return evicted
 
-    def take(self, n: int, replay: bool) -> tuple[list[Item], list[Item]]:
-        """Up to `n` items for the next batch, and those among them now used up (done)."""
-        chosen = [it for it in self._items.values() if it.uses == 0][:n]
+    def take(self, n: int, replay: bool, on_policy: int = 0) -> tuple[list[Item], list[Item]]:
+        """Up to `n` items for the next batch, and those among them now used up (done).
+
+        `on_policy`: how many of the `n` should be scored student completions when there are enough (fresh ones
+        first, then, with `replay`, ones with uses left); the rest come from the other items, oldest first.
+        """
+        chosen: list[Item] = []
+        if on_policy > 0:
+            chosen = [it for it in self._items.values() if it.uses == 0 and it.on_policy][:on_policy]
+            if replay and len(chosen) < on_policy:
+                used = [it for it in self._items.values() if it.on_policy and 0 < it.uses < self.reuse]
+                chosen += sorted(used, key=lambda it: it.uses)[: on_policy - len(chosen)]
+        picked = {id(it) for it in chosen}
+        chosen += [it for it in self._items.values() if it.uses == 0 and id(it) not in picked][: n - len(chosen)]
         if replay and len(chosen) < n:
-            used = sorted((it for it in self._items.values() if 0 < it.uses < self.reuse), key=lambda it: it.uses)
-            chosen += used[: n - len(chosen)]
+            picked = {id(it) for it in chosen}
+            used = [it for it in self._items.values() if 0 < it.uses < self.reuse and id(it) not in picked]
+            chosen += sorted(used, key=lambda it: it.uses)[: n - len(chosen)]
         done = []
         for it in chosen:
             if it.uses == 0:
@@ -97,6 +125,9 @@ class ReplayBuffer:
                 del self._items[it.key]
                 done.append(it)
         return chosen, done
+
+    def fresh_on_policy(self) -> int:
+        return sum(1 for it in self._items.values() if it.uses == 0 and it.on_policy)
 
     def items(self) -> list[Item]:
         return list(self._items.values())

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from services.common import pb
 from services.common.registry import Checkpoint, CheckpointError, Registry, verify
+from services.trainer.recipes import LOWER_IS_BETTER
 from services.trainer.student import copy_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
     """AdamW state as flat tensors `state.<param index>.<name>` and its param groups as JSON."""
     sd = optimizer.state_dict()
     tensors = {
-        f"state.{idx}.{name}": value.detach().clone().contiguous()
+        f"state.{idx}.{name}": value.detach().to("cpu", copy=True).contiguous()
         for idx, entry in sd["state"].items()
         for name, value in entry.items()
         if isinstance(value, torch.Tensor)
@@ -124,25 +125,54 @@ def newest_resume_point(registry: Registry, run_id: str) -> ResumePoint | None:
     return None
 
 
-def passes_gate(metrics: dict[str, float], gate: pb.trainer.GateSpec, promoted: Checkpoint | None) -> tuple[bool, str]:
-    """(promote?, why). Needs a measured accuracy; compares with the teacher's and the last promoted checkpoint's."""
-    accuracy = metrics.get("accuracy")
-    if accuracy is None:
-        return False, "no accuracy measured (no held-out prompts with references yet)"
-    if accuracy < gate.min_accuracy - 1e-6:
-        return False, f"accuracy {accuracy:.3f} < min_accuracy {gate.min_accuracy:.3f}"
-    if gate.min_accuracy_ratio > 0:
-        teacher = metrics.get("teacher_accuracy")
-        if teacher is None:
-            return False, "teacher accuracy unknown"
-        # The ratio is a proto float32 (0.8 → 0.800000011…): compare with a tolerance far below one eval prompt.
-        if accuracy < gate.min_accuracy_ratio * teacher - 1e-6:
-            return False, f"accuracy {accuracy:.3f} < {gate.min_accuracy_ratio} × teacher {teacher:.3f}"
+def gate_metric(spec: pb.trainer.RunSpec) -> str:
+    """The metric the run is gated on: the spec's, else accuracy with a checker and teacher_agreement without."""
+    return spec.gate.metric or ("accuracy" if spec.checker else "teacher_agreement")
+
+
+def passes_gate(
+    metrics: dict[str, float], gate: pb.trainer.GateSpec, metric: str, promoted: Checkpoint | None
+) -> tuple[bool, str]:
+    """(promote?, why). `metric` is read from the checkpoint's held-out metrics; kl is better when lower.
+
+    Accuracy must also reach `min_accuracy` and `min_accuracy_ratio` × the teacher's accuracy at its best prompt;
+    `must_beat_promoted` compares with `promoted` (the last promoted checkpoint of the same use case) when it
+    was scored on the same metric.
+    """
+    score = metrics.get(metric)
+    if score is None:
+        return False, f"no {metric} measured (held-out prompts not answered yet, or no checker/references)"
+    lower = metric in LOWER_IS_BETTER
+    # Proto floats are float32 (0.8 → 0.800000011…): compare with a tolerance far below one eval prompt.
+    below = gate.HasField("min_score") and (
+        (score > gate.min_score + 1e-6) if lower else (score < gate.min_score - 1e-6)
+    )
+    if below:
+        relation = ">" if lower else "<"
+        return False, f"{metric} {score:.3f} {relation} min_score {gate.min_score:.3f}"
+    if metric == "accuracy":
+        if score < gate.min_accuracy - 1e-6:
+            return False, f"accuracy {score:.3f} < min_accuracy {gate.min_accuracy:.3f}"
+        if gate.min_accuracy_ratio > 0:
+            teacher = metrics.get("teacher_accuracy_best_prompt", metrics.get("teacher_accuracy"))
+            if teacher is None:
+                return False, "teacher accuracy unknown"
+            if score < gate.min_accuracy_ratio * teacher - 1e-6:
+                return False, f"accuracy {score:.3f} < {gate.min_accuracy_ratio} × teacher {teacher:.3f}"
     if gate.must_beat_promoted and promoted is not None:
-        best = promoted.manifest.metrics.get("accuracy")
-        if best is not None and accuracy <= best:
-            return False, f"accuracy {accuracy:.3f} does not beat promoted v{promoted.version} ({best:.3f})"
+        best = promoted.manifest.metrics.get(metric)
+        if best is not None and ((score >= best) if lower else (score <= best)):
+            return False, f"{metric} {score:.3f} does not beat promoted v{promoted.version} ({best:.3f})"
     return True, "passed"
+
+
+def last_promoted_of_task(registry: Registry, task: str) -> Checkpoint | None:
+    """The newest promoted checkpoint whose run was of the same use case (runs of other use cases don't compete)."""
+    promoted = set(registry.promoted_versions())
+    for ckpt in reversed(registry.checkpoints()):
+        if ckpt.version in promoted and ckpt.manifest.run_spec.get("task", "") == task:
+            return ckpt
+    return None
 
 
 def checkpoint_event(ckpt: Checkpoint, promoted: bool) -> pb.common.CheckpointEvent:

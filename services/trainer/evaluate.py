@@ -1,8 +1,11 @@
-"""Evaluation on the held-out set: task accuracy (the student answers), agreement with the teacher, perplexity.
+"""Evaluation on the held-out set: the student's greedy answers, judged by the checker and against the teacher's.
 
-- accuracy: greedy generation with transformers from each held-out prompt's `prompt_token_ids`, checked by the
-  task's checker against the reference answer;
-- teacher_accuracy: the teacher's own held-out samples of the same prompts, checked the same way;
+- accuracy: the student's greedy answers (transformers, from each held-out prompt's token ids) checked by the run's
+  checker against the reference answers; needs a checker and references;
+- teacher_accuracy / teacher_accuracy_best_prompt / by variant: the teacher's own held-out answers, checked the same
+  way, in the student's phrasing and in its best one;
+- teacher_agreement: fraction of held-out prompts where the student's greedy answer equals the teacher's
+  (whitespace normalised) — fidelity to the teacher, the score of a run without a checker;
 - kl: mean KL(teacher top-k + tail ‖ student) per completion token of the held-out teacher samples;
 - top1_agreement: fraction of those positions where the student's argmax is the teacher's top-1;
 - perplexity: exp of the student's mean cross-entropy on the teacher's held-out completions.
@@ -18,10 +21,10 @@ import numpy as np
 import torch
 
 from services.common import pb
-from services.tasks import get_task
 from services.trainer.batching import answer_logits, collate
 from services.trainer.buffer import SAMPLE, Item
-from services.trainer.evalset import EvalSet
+from services.trainer.evalset import EvalPrompt, EvalSet
+from services.trainer.generation import complete
 from services.trainer.losses import forward_kl, student_buckets, teacher_buckets, token_cross_entropy
 
 
@@ -29,21 +32,40 @@ from services.trainer.losses import forward_kl, student_buckets, teacher_buckets
 class EvalResult:
     accuracy: float | None = None
     teacher_accuracy: float | None = None
+    teacher_accuracy_best_prompt: float | None = None
+    teacher_agreement: float | None = None
     kl: float | None = None
     top1_agreement: float | None = None
     perplexity: float | None = None
+    teacher_accuracy_by_variant: dict[str, float] = field(default_factory=dict)
     prompts: int = 0
     samples: list[dict[str, str]] = field(default_factory=list)  # a few student answers, for logs
 
     def metrics(self) -> dict[str, float]:
-        names = ("accuracy", "teacher_accuracy", "kl", "top1_agreement", "perplexity")
-        return {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
-
-    def to_proto(self, step: int) -> pb.trainer.EvalMetrics:
-        out = pb.trainer.EvalMetrics(step=step, eval_prompts=self.prompts)
-        for name, value in self.metrics().items():
-            setattr(out, name, value)
+        names = ("accuracy", "teacher_accuracy", "teacher_accuracy_best_prompt", "teacher_agreement", "kl",
+                 "top1_agreement", "perplexity")  # fmt: skip
+        out = {n: float(getattr(self, n)) for n in names if getattr(self, n) is not None}
+        for variant, value in self.teacher_accuracy_by_variant.items():
+            out[f"teacher_accuracy.{variant or 'primary'}"] = value
         return out
+
+    def to_proto(self, step: int, gate_metric: str = "") -> pb.trainer.EvalMetrics:
+        out = pb.trainer.EvalMetrics(step=step, eval_prompts=self.prompts, gate_metric=gate_metric)
+        for name in ("accuracy", "teacher_accuracy", "teacher_accuracy_best_prompt", "teacher_agreement", "kl",
+                     "top1_agreement", "perplexity"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                setattr(out, name, value)
+        out.teacher_accuracy_by_variant.update(self.teacher_accuracy_by_variant)
+        score = self.metrics().get(gate_metric)
+        if score is not None:
+            out.gate_score = score
+        return out
+
+
+def same_answer(a: str, b: str) -> bool:
+    """Whitespace-normalised equality of two answers."""
+    return " ".join(a.split()) == " ".join(b.split())
 
 
 def _sample_item(sample: pb.common.TeacherSample, max_len: int) -> Item | None:
@@ -65,14 +87,21 @@ def _sample_item(sample: pb.common.TeacherSample, max_len: int) -> Item | None:
 
 @torch.no_grad()
 def agreement(
-    model: Any, samples: list[pb.common.TeacherSample], max_len: int, pad_id: int, autocast: bool, batch_size: int = 16
+    model: Any,
+    samples: list[pb.common.TeacherSample],
+    max_len: int,
+    pad_id: int,
+    autocast: bool,
+    batch_size: int = 16,
+    device: torch.device | None = None,
 ) -> tuple[float | None, float | None, float | None]:
     """(KL per token, top-1 agreement, perplexity) of the student on held-out teacher samples."""
+    device = device or torch.device("cpu")
     items = [it for it in (_sample_item(s, max_len) for s in samples) if it is not None]
     kl_sum = top1 = ce_sum = 0.0
     n = 0
     for start in range(0, len(items), batch_size):
-        batch = collate(items[start : start + batch_size], pad_id)
+        batch = collate(items[start : start + batch_size], pad_id).to(device)
         logits = answer_logits(model, batch.input_ids, batch.positions, autocast).float()  # (N, V)
         t_log = teacher_buckets(batch.top_logprobs)
         s_log = student_buckets(logits, batch.top_ids, batch.top_valid)
@@ -85,56 +114,65 @@ def agreement(
     return kl_sum / n, top1 / n, math.exp(min(ce_sum / n, 50.0))
 
 
-@torch.no_grad()
-def task_accuracy(
-    model: Any, tokenizer: Any, evalset: EvalSet, max_new_tokens: int, autocast: bool, batch_size: int = 32
-) -> tuple[float | None, list[dict[str, str]]]:
-    """Greedy answers to the held-out prompts, checked against their references."""
-    prompts = list(evalset.prompts.values())
-    if not prompts:
-        return None, []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    correct = 0
-    shown: list[dict[str, str]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p.prompt_token_ids) for p in chunk)
-        # Left padding for generation, so every prompt ends where the new tokens begin.
-        ids = torch.tensor([[pad] * (width - len(p.prompt_token_ids)) + p.prompt_token_ids for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p.prompt_token_ids)) + [1] * len(p.prompt_token_ids) for p in chunk])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        for p, row in zip(chunk, out[:, width:].tolist(), strict=True):
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            ok = get_task(p.task).check(text, p.reference)
-            correct += int(ok)
-            if len(shown) < 3:
-                shown.append({"prompt_id": p.prompt_id, "answer": text[:200], "correct": str(ok)})
-    return correct / len(prompts), shown
+def greedy_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    autocast: bool,
+    device: torch.device | None = None,
+) -> list[str]:
+    """The student's greedy completion of each prompt (token ids), decoded without special tokens."""
+    rows = complete(model, tokenizer, prompts, max_new_tokens, autocast, device)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
-def evaluate(model: Any, tokenizer: Any, evalset: EvalSet, spec: pb.trainer.RunSpec) -> EvalResult:
+def score_answers(
+    prompts: list[EvalPrompt], answers: list[str], checker: Any
+) -> tuple[float | None, float | None, list[dict[str, str]]]:
+    """(accuracy, teacher_agreement, a few examples) of the student's answers to `prompts`."""
+    judged = [(p, a) for p, a in zip(prompts, answers, strict=True) if checker is not None and p.reference is not None]
+    accuracy = sum(checker(a, p.reference) for p, a in judged) / len(judged) if judged else None
+    paired = [(p, a) for p, a in zip(prompts, answers, strict=True) if p.teacher_text is not None]
+    agreement_rate = sum(same_answer(a, p.teacher_text or "") for p, a in paired) / len(paired) if paired else None
+    shown = [
+        {"prompt_id": p.prompt_id, "answer": a[:200], "teacher": (p.teacher_text or "")[:200]}
+        for p, a in list(zip(prompts, answers, strict=True))[:3]
+    ]
+    return accuracy, agreement_rate, shown
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    evalset: EvalSet,
+    spec: pb.trainer.RunSpec,
+    device: torch.device | None = None,
+    autocast: bool | None = None,
+) -> EvalResult:
+    """`autocast`: bf16 autocast (default: the spec's; the trainer turns it off where bf16 is emulated)."""
     was_training = model.training
     model.eval()
     try:
-        autocast = spec.schedule.bf16_autocast
+        autocast = spec.schedule.bf16_autocast if autocast is None else autocast
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        kl, top1, ppl = agreement(model, evalset.samples, spec.schedule.max_seq_len, pad, autocast)
-        accuracy, shown = task_accuracy(model, tokenizer, evalset, spec.eval.max_new_tokens, autocast)
+        kl, top1, ppl = agreement(model, evalset.samples, spec.schedule.max_seq_len, pad, autocast, device=device)
+        prompts = evalset.student_prompts()
+        answers = greedy_answers(
+            model, tokenizer, [p.prompt_token_ids for p in prompts], spec.eval.max_new_tokens, autocast,
+            device=device,
+        )  # fmt: skip
+        accuracy, teacher_agreement, shown = score_answers(prompts, answers, evalset.checker)
         return EvalResult(
             accuracy=accuracy,
             teacher_accuracy=evalset.teacher_accuracy(),
+            teacher_accuracy_best_prompt=evalset.teacher_accuracy_best_prompt(),
+            teacher_agreement=teacher_agreement,
             kl=kl,
             top1_agreement=top1,
             perplexity=ppl,
-            prompts=len(evalset.prompts),
+            teacher_accuracy_by_variant=evalset.teacher_accuracy_by_variant(),
+            prompts=len(prompts),
             samples=shown,
         )
     finally:

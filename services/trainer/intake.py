@@ -2,9 +2,12 @@
 
 Per record, in order: undecodable or inconsistent → dead-letter topic (the run goes on); re-read after a resume →
 restored from the checkpoint's pending list or skipped as done; duplicate `sample_id` → dropped; eval split →
-held-out set; task filter, truncation filter, verification (keep correct / keep all / weight) → a teacher item;
-the first sample of a prompt with a reference answer also yields a reference item (SFT on the worked solution)
-when the spec weighs `reference_ce`. The offset tracker learns how many items each record produced.
+held-out set; scored student completions of another run, or staler than the on-policy limit (when it drops them)
+→ dropped and counted; task filter, truncation filter, verification of teacher-written completions by the run's
+checker (keep correct / keep all / weight) → a teacher item; the first sample of a prompt with a reference answer
+also yields a reference item (SFT on the worked solution) when the spec weighs `reference_ce`. Training prompts
+(their primary phrasing) are remembered for on-policy sampling. The offset tracker learns how many items each
+record produced.
 """
 
 from __future__ import annotations
@@ -18,14 +21,35 @@ import numpy as np
 
 from services.common import pb
 from services.common.kafka import DeadLetterWriter, ProtoConsumer, Received
-from services.tasks import get_task, task_names
+from services.tasks import Checker
 from services.trainer import metrics
-from services.trainer.buffer import REFERENCE, SAMPLE, Item, OffsetTracker, Replay, ReplayBuffer
-from services.trainer.evalset import EvalSet
+from services.trainer.buffer import (
+    GENERATED,
+    REFERENCE,
+    SAMPLE,
+    SCORED_REFERENCE,
+    SCORED_STUDENT,
+    Item,
+    OffsetTracker,
+    Replay,
+    ReplayBuffer,
+)
+from services.trainer.evalset import PRIMARY, EvalSet
 
 logger = logging.getLogger(__name__)
 
 SEEN_LIMIT = 200_000
+#: Training prompts remembered for on-policy sampling (the most recent ones).
+PROMPT_POOL_LIMIT = 4096
+
+
+def source_of(sample: pb.common.TeacherSample) -> str:
+    """The sample's signal source; samples from before `source` existed are generated or scored references."""
+    if sample.source == pb.common.SAMPLE_SOURCE_SCORED_STUDENT:
+        return SCORED_STUDENT
+    if sample.source == pb.common.SAMPLE_SOURCE_SCORED_REFERENCE or sample.scored_reference:
+        return SCORED_REFERENCE
+    return GENERATED
 
 
 def validate_sample(sample: pb.common.TeacherSample) -> None:
@@ -42,6 +66,8 @@ def validate_sample(sample: pb.common.TeacherSample) -> None:
         )
     if min(sample.prompt_token_ids) < 0 or (n and min(sample.completion_token_ids) < 0):
         raise ValueError("negative token id")
+    if sample.source == pb.common.SAMPLE_SOURCE_SCORED_STUDENT and not sample.student_run_id:
+        raise ValueError("a scored student completion without student_run_id")
 
 
 class BoundedSet:
@@ -71,6 +97,21 @@ class IntakeStats:
     filtered: int = 0
     dead_letter: int = 0
     eval: int = 0
+    #: Scored student completions of this run received, and those older than max_staleness_steps (and dropped).
+    on_policy: int = 0
+    stale: int = 0
+    stale_dropped: int = 0
+
+
+@dataclass
+class PoolPrompt:
+    """A training prompt the student can be asked on-policy: token ids of its primary phrasing, and the teacher's
+    top-k width on it (what its scored completions will carry)."""
+
+    prompt_id: str
+    prompt_token_ids: list[int]
+    task: str
+    top_k: int
 
 
 class Intake:
@@ -85,6 +126,8 @@ class Intake:
         evalset: EvalSet,
         replay: Replay | None = None,
         state: dict[str, Any] | None = None,
+        checker: Checker | None = None,
+        current_step: Any = None,
     ) -> None:
         self.spec = spec
         self.consumer = consumer
@@ -94,6 +137,9 @@ class Intake:
         self.tracker = tracker
         self.evalset = evalset
         self.replay = replay
+        self.checker = checker
+        #: () → the trainer's optimizer step now (staleness of scored student completions).
+        self.current_step = current_step or (lambda: 0)
         self.stats = IntakeStats()
         self.eos_id = tokenizer.eos_token_id
         self.needs_top_k = any(getattr(spec.loss, w) > 0 for w in ("forward_kl", "reverse_kl", "jsd", "skew_kl"))
@@ -101,13 +147,27 @@ class Intake:
         self.seen_samples = BoundedSet(items=state.get("seen_samples"))
         self.seen_prompts = BoundedSet(items=state.get("seen_prompts"))
         self.teacher: dict[str, str] = state.get("teacher", {})
+        self.pool: OrderedDict[str, PoolPrompt] = OrderedDict(
+            (p["prompt_id"], PoolPrompt(**p)) for p in state.get("prompt_pool", [])
+        )
 
     def state(self) -> dict[str, Any]:
         return {
             "seen_samples": self.seen_samples.to_list(),
             "seen_prompts": self.seen_prompts.to_list(),
             "teacher": self.teacher,
+            "prompt_pool": [p.__dict__ for p in self.pool.values()],
         }
+
+    def _remember_prompt(self, sample: pb.common.TeacherSample) -> None:
+        if sample.prompt_variant != PRIMARY or sample.top_k == 0:
+            return
+        self.pool[sample.prompt_id] = PoolPrompt(
+            sample.prompt_id, list(sample.prompt_token_ids), sample.task, int(sample.top_k)
+        )
+        self.pool.move_to_end(sample.prompt_id)
+        if len(self.pool) > PROMPT_POOL_LIMIT:
+            self.pool.popitem(last=False)
 
     def poll(self, timeout_s: float) -> int:
         """Reads what fits in the buffer (each record can yield two items); returns the records read."""
@@ -154,7 +214,30 @@ class Intake:
             self.stats.eval += 1
             self.tracker.read(p, o, 0)
             return
+        if source_of(sample) == SCORED_STUDENT and not self._on_policy_usable(sample):
+            self.tracker.read(p, o, 0)
+            return
+        if source_of(sample) != SCORED_STUDENT:
+            self._remember_prompt(sample)
         self._accept(p, o, self._items(sample, p, o, replay=False))
+
+    def _on_policy_usable(self, sample: pb.common.TeacherSample) -> bool:
+        """A scored student completion is trained on when it is this run's and (with drop_stale) fresh enough."""
+        if sample.student_run_id != self.spec.run_id:
+            self.stats.filtered += 1
+            metrics.SAMPLES.labels("filtered").inc()
+            return False
+        self.stats.on_policy += 1
+        metrics.ON_POLICY.labels("received").inc()
+        on_policy = self.spec.on_policy
+        if self.current_step() - sample.student_step > on_policy.max_staleness_steps:
+            self.stats.stale += 1
+            metrics.ON_POLICY.labels("stale").inc()
+            if on_policy.drop_stale:
+                self.stats.stale_dropped += 1
+                metrics.ON_POLICY.labels("stale_dropped").inc()
+                return False
+        return True
 
     def _accept(self, p: int, o: int, items: list[Item]) -> None:
         self.tracker.read(p, o, len(items))
@@ -169,7 +252,8 @@ class Intake:
         max_len = self.spec.schedule.max_seq_len
         prompt = list(sample.prompt_token_ids)
         task = sample.task or self.spec.task
-        keep, weight = self._verdict(sample, task)
+        source = source_of(sample)
+        keep, weight = self._verdict(sample, task, source)
         if len(prompt) >= max_len:
             keep = False
         if keep:
@@ -178,13 +262,16 @@ class Intake:
             top_ids = np.asarray(sample.top_ids, dtype=np.int64).reshape(-1, k)[:c] if k else None
             top_lp = np.asarray(sample.top_logprobs, dtype=np.float32).reshape(-1, k)[:c] if k else None
             ids = prompt + list(sample.completion_token_ids[:c])
-            items.append(Item(p, o, SAMPLE, ids, len(prompt), top_ids, top_lp, weight))
+            step = sample.student_step if source == SCORED_STUDENT else -1
+            items.append(
+                Item(p, o, SAMPLE, ids, len(prompt), top_ids, top_lp, weight, source=source, student_step=step)
+            )
         elif not replay:
             self.stats.filtered += 1
             metrics.SAMPLES.labels("filtered").inc()
         if (
             self.spec.loss.reference_ce > 0
-            and not sample.scored_reference  # the sample already is the reference (with the teacher's top-k)
+            and source == GENERATED  # a scored reference already is the reference (with the teacher's top-k)
             and sample.HasField("reference_answer")
             and (replay or sample.prompt_id not in self.seen_prompts)
             and len(prompt) < max_len - 1
@@ -193,22 +280,23 @@ class Intake:
                 self.seen_prompts.add(sample.prompt_id)
             ref = [*self.tokenizer.encode(sample.reference_answer, add_special_tokens=False), self.eos_id]
             ids = prompt + ref[: max_len - len(prompt)]
-            items.append(Item(p, o, REFERENCE, ids, len(prompt)))
+            items.append(Item(p, o, REFERENCE, ids, len(prompt), source=REFERENCE))
         return items
 
-    def _verdict(self, sample: pb.common.TeacherSample, task: str) -> tuple[bool, float]:
-        """(keep, loss weight) from the data filter and, when a reference exists, the task's checker."""
+    def _verdict(self, sample: pb.common.TeacherSample, task: str, source: str) -> tuple[bool, float]:
+        """(keep, loss weight) from the data filter and, for teacher-written completions with a reference, the
+        run's checker. References are right by definition; scored student completions are trained on whatever
+        they say (the teacher's distribution over them is the signal)."""
         data = self.spec.data
         if data.tasks and task not in data.tasks:
             return False, 0.0
         if data.drop_truncated and sample.finish_reason == pb.common.FINISH_REASON_LENGTH:
             return False, 0.0
-        if not sample.completion_token_ids or (self.needs_top_k and sample.top_k == 0):
+        if not sample.completion_token_ids or ((self.needs_top_k or source == SCORED_STUDENT) and sample.top_k == 0):
             return False, 0.0
-        if not sample.HasField("reference_answer") or task not in task_names():
+        if source != GENERATED or self.checker is None or not sample.HasField("reference_answer"):
             return True, 1.0  # nothing to verify against: plain distillation data
-        correct = get_task(task).check(sample.completion_text, sample.reference_answer)
-        if correct:
+        if self.checker(sample.completion_text, sample.reference_answer):
             return True, 1.0
         if data.verify == pb.trainer.VERIFY_MODE_KEEP_CORRECT:
             return False, 0.0

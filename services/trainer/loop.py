@@ -2,8 +2,11 @@
 
 `TrainingRun.run()` blocks (the run manager calls it on a worker thread; torch releases the GIL, so gRPC stays
 responsive). It starts from the newest verified checkpoint of the run when there is one — weights, optimizer
-moments, step, RNG, intake and eval state, and the Kafka offsets in its manifest — and otherwise makes the student
-from the spec's recipe and reads the samples topic from the beginning.
+moments, step, RNG, intake and eval state, and the Kafka offsets in its manifest — and otherwise reads the samples
+topic from the beginning and makes the student from the spec's recipe (a pruned student is calibrated on the first
+training samples of the user's own prompts). It trains on the device the settings name (CUDA when there is one,
+with `device: auto`); with on-policy distillation on, it also samples from its student every few steps and sends
+the completions to be scored (`onpolicy.py`).
 """
 
 from __future__ import annotations
@@ -28,20 +31,26 @@ from services.common import pb
 from services.common.kafka import DeadLetterWriter, ProtoConsumer, ProtoProducer
 from services.common.models import load_causal_lm, load_tokenizer
 from services.common.registry import Checkpoint, Registry
+from services.tasks import parse_checker
 from services.trainer import metrics
 from services.trainer.batching import batch_loss, collate, lr_at
-from services.trainer.buffer import SAMPLE, Item, OffsetTracker, Replay, ReplayBuffer, resume_state
+from services.trainer.buffer import SAMPLE, SOURCES, Item, OffsetTracker, Replay, ReplayBuffer, resume_state
+from services.trainer.calibration import collect_calibration, needs_calibration
 from services.trainer.checkpoint import (
     ResumePoint,
     checkpoint_event,
+    gate_metric,
+    last_promoted_of_task,
     newest_resume_point,
     optimizer_from_tensors,
     passes_gate,
     write_checkpoint,
 )
+from services.trainer.device import bf16_is_fast, resolve_device
 from services.trainer.evalset import EvalSet
 from services.trainer.evaluate import EvalResult, evaluate
 from services.trainer.intake import Intake, validate_sample
+from services.trainer.onpolicy import OnPolicySampler
 from services.trainer.settings import TrainerSettings
 from services.trainer.spec import loss_weights, to_json
 from services.trainer.student import make_student
@@ -100,12 +109,20 @@ class TrainingRun:
         self.student_parameters = 0
         self.step = 0
         self._last_ckpt_step = 0  # nothing trained yet: a stop before the first step writes no checkpoint
+        self._eval_pending = False
         self._window: deque[tuple[float, int]] = deque(maxlen=20)
+        self._source_window: deque[tuple[dict[str, float], dict[str, int]]] = deque(maxlen=20)
 
     # --- set-up -------------------------------------------------------------------------------------------------
 
-    def _load(self) -> ResumePoint | None:
-        torch.set_num_threads(torch_threads(self.settings.torch_threads))
+    def _load(self) -> tuple[ResumePoint | None, bool]:
+        """Model, optimizer and intake, resumed or new; (resume point, ready) — not ready when stopped while
+        waiting for calibration samples."""
+        self.device = resolve_device(self.settings.device)
+        # bf16 autocast only where bf16 is native: an AVX2 CPU emulates it, 50× slower than float32 on a matmul.
+        self.autocast = self.spec.schedule.bf16_autocast and bf16_is_fast(self.device)
+        if self.device.type == "cpu":  # thread counts are a CPU matter; a CUDA trainer leaves them alone
+            torch.set_num_threads(torch_threads(self.settings.torch_threads))
         torch.manual_seed(self.spec.seed)
         resume = newest_resume_point(self.registry, self.spec.run_id)
         if resume is not None:
@@ -115,14 +132,23 @@ class TrainingRun:
             folder = self.settings.work_dir / self.spec.run_id / "student-init"
             shutil.rmtree(folder, ignore_errors=True)
             folder.parent.mkdir(parents=True, exist_ok=True)
-            make_student(self.teacher_dir, self.spec.student, folder, seed=self.spec.seed)
+        # The student keeps the teacher's tokenizer: the intake can read samples before the student exists.
+        self.tokenizer = load_tokenizer(folder if resume is not None else self.teacher_dir)
+        self._open_intake(resume)
+        if resume is None:
+            calibration = None
+            if needs_calibration(self.spec.student, self.teacher_config):
+                calibration = collect_calibration(self.intake, self.buffer, self._calibration_count(), self.stop,
+                                                  self._publish_idle, idle_s=self.settings.batch_wait_s)  # fmt: skip
+                if calibration is None:
+                    return None, False
+            make_student(self.teacher_dir, self.spec.student, folder, calibration, seed=self.spec.seed)
         self.tokenizer_dir = folder
-        self.model = load_causal_lm(folder, dtype=torch.float32)
+        self.model = load_causal_lm(folder, dtype=torch.float32).to(self.device)
         self.model.train()
         # A compiled view of the decoder for training steps; it shares the parameters, so checkpoints and the
         # (eager) evaluation see the same weights.
         self.body = torch.compile(self.model.model, dynamic=True) if self.settings.compile else None
-        self.tokenizer = load_tokenizer(folder)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.student_parameters = sum(p.numel() for p in self.model.parameters())
         s = self.spec.schedule
@@ -141,8 +167,17 @@ class TrainingRun:
             self.step = int(resume.state["step"])
             self._last_ckpt_step = self.step
             self.progress.tokens_trained = int(resume.checkpoint.manifest.metrics.get("tokens_trained", 0))
+            self.progress.tokens_by_source.update(resume.state.get("tokens_by_source", {}))
             self.progress.last_checkpoint_version = resume.checkpoint.version
-        return resume
+        return resume, True
+
+    def _calibration_count(self) -> int:
+        return self.spec.student.pruned.calibration_samples or self.settings.calibration_samples
+
+    @property
+    def teacher_config(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.teacher_dir / "config.json").read_text())
+        return data
 
     def _open_intake(self, resume: ResumePoint | None) -> None:
         s = self.spec
@@ -162,38 +197,56 @@ class TrainingRun:
             listener=listener,
         )
         listener.consumer = self.consumer.kafka
+        self.checker = parse_checker(s.checker, self.settings.checker_modules) if s.checker else None
         self.buffer = ReplayBuffer(s.schedule.replay_buffer_size, s.schedule.sample_reuse)
         self.tracker = OffsetTracker(start=offsets)
-        self.evalset = EvalSet(s.eval.max_prompts, s.eval.max_agreement_samples, s.task)
+        self.evalset = EvalSet(s.eval.max_prompts, s.eval.max_agreement_samples, self.checker)
         if "eval" in state:
             self.evalset.load_state(state["eval"])
         dead = DeadLetterWriter(self.producer, self.settings.kafka.topic_dead_letters, "trainer")
         replay = Replay.from_state(state["buffer"]) if "buffer" in state else None
         self.intake = Intake(
-            s, self.consumer, dead, self.tokenizer, self.buffer, self.tracker, self.evalset, replay, state.get("intake")
-        )
+            s, self.consumer, dead, self.tokenizer, self.buffer, self.tracker, self.evalset, replay,
+            state.get("intake"), checker=self.checker, current_step=lambda: self.step,
+        )  # fmt: skip
         self.weights = loss_weights(s)
+        self.on_policy_weights = loss_weights(s, on_policy=True)
+        self.sampler = OnPolicySampler(
+            s, self.producer, self.settings.kafka.topic_prompts, self.settings.announce_timeout_s, seed=s.seed
+        )
 
     # --- the loop -----------------------------------------------------------------------------------------------
 
     def run(self) -> int:
         """Trains until max_steps or `stop`; returns the final RunState (SUCCEEDED or STOPPED)."""
-        resume = self._load()
-        self._open_intake(resume)
         try:
+            _, ready = self._load()
+            if not ready:
+                return pb.trainer.RUN_STATE_STOPPED
             s = self.spec.schedule
             while not self.stop.is_set() and not (s.max_steps and self.step >= s.max_steps):
+                if self.sampler.due(self.step):
+                    self.sampler.round(self.model, self.tokenizer, list(self.intake.pool.values()), self.step,
+                                       self.device, self.autocast)  # fmt: skip
                 if not self._train_step():
                     break
                 if self.step % s.eval_every_steps == 0:
                     self._checkpoint(evaluate_first=True)
+                    # Held-out answers still coming in: this checkpoint is kept for resume, the evaluation (and so
+                    # the gate) happens as soon as they are all in, not an eval_every_steps later.
+                    self._eval_pending = not self._held_out_ready()
+                elif self._eval_pending and self._held_out_ready():
+                    self._checkpoint(evaluate_first=True)
+                    self._eval_pending = False
             finished = bool(s.max_steps and self.step >= s.max_steps)
             evaluate = finished or self.evaluate_on_stop.is_set()
             if self.step != self._last_ckpt_step and (evaluate or self.settings.checkpoint_on_stop):
                 self._checkpoint(evaluate_first=evaluate)
             return pb.trainer.RUN_STATE_SUCCEEDED if finished else pb.trainer.RUN_STATE_STOPPED
         finally:
-            self.consumer.close()
+            consumer = getattr(self, "consumer", None)
+            if consumer is not None:
+                consumer.close()
 
     def _next_items(self, n: int) -> list[Item] | None:
         """The next micro-batch's items (blocking on the stream), or None when asked to stop."""
@@ -202,17 +255,18 @@ class TrainingRun:
         while not self.stop.is_set():
             enough = self.buffer.fresh >= n
             read = self.intake.poll(0.0 if enough else self.settings.poll_timeout_s)
+            on_policy = round(self.spec.on_policy.fraction * n)
             if self.buffer.fresh >= n:
-                items, done = self.buffer.take(n, replay=False)
+                items, done = self.buffer.take(n, replay=replay_ok and on_policy > 0, on_policy=on_policy)
             elif read == 0 and replay_ok and len(self.buffer) >= n:
                 # A full batch of fresh and replayed items. Partial batches would spend optimizer steps (and the
                 # schedule) on a handful of samples while the teacher is still producing them.
-                items, done = self.buffer.take(n, replay=True)
+                items, done = self.buffer.take(n, replay=True, on_policy=on_policy)
             elif read == 0 and self.buffer.fresh > 0:
                 waited_since = waited_since or time.monotonic()
                 if time.monotonic() - waited_since < self.settings.batch_wait_s:
                     continue
-                items, done = self.buffer.take(n, replay=replay_ok)
+                items, done = self.buffer.take(n, replay=replay_ok, on_policy=on_policy)
             else:
                 self._publish_idle()
                 continue
@@ -229,6 +283,8 @@ class TrainingRun:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         totals: dict[str, float] = {}
+        source_loss: dict[str, float] = {}
+        source_tokens: dict[str, int] = {}
         loss_sum, targets, tokens, micro = 0.0, 0, 0, 0
         trained: list[Item] = []
         for _ in range(s.grad_accum_steps):
@@ -236,13 +292,16 @@ class TrainingRun:
             if items is None:
                 break  # stopping: apply what was accumulated, so every taken item is really trained
             trained += items
-            batch = collate(items, self.pad_id)
-            loss, parts = batch_loss(self.model, batch, self.weights, s.bf16_autocast, self.body)
-            (loss / s.grad_accum_steps).backward()
+            batch = collate(items, self.pad_id).to(self.device)
+            out = batch_loss(self.model, batch, self.weights, self.autocast, self.body, self.on_policy_weights)
+            (out.loss / s.grad_accum_steps).backward()
             micro += 1
-            loss_sum += float(loss.detach())
-            for name, value in parts.items():
+            loss_sum += float(out.loss.detach())
+            for name, value in out.parts.items():
                 totals[name] = totals.get(name, 0.0) + value
+            for name, value in out.source_loss.items():
+                source_loss[name] = source_loss.get(name, 0.0) + value
+                source_tokens[name] = source_tokens.get(name, 0) + out.source_tokens[name]
             targets += batch.targets_count
             tokens += batch.tokens
             first_use = sum(1 for it in items if it.kind == SAMPLE and it.uses == 1)
@@ -261,8 +320,20 @@ class TrainingRun:
         self._window.append((elapsed, targets))
         rate = sum(t for _, t in self._window) / max(1e-9, sum(e for e, _ in self._window))
         components = {k: v / micro for k, v in totals.items()}
+        self._record_sources(source_loss, source_tokens)
         self._record_step(loss_sum / micro, components, targets, rate, lr)
         return micro == s.grad_accum_steps or not self.stop.is_set()
+
+    def _record_sources(self, source_loss: dict[str, float], source_tokens: dict[str, int]) -> None:
+        """Tokens per signal source (whole run) and their mean loss over the last steps."""
+        self._source_window.append((source_loss, source_tokens))
+        for name, count in source_tokens.items():
+            self.progress.tokens_by_source[name] = self.progress.tokens_by_source[name] + count
+            metrics.TOKENS_TRAINED.labels(name).inc(count)
+        for name in SOURCES:
+            n = sum(t.get(name, 0) for _, t in self._source_window)
+            if n:
+                self.progress.loss_by_source[name] = sum(v.get(name, 0.0) for v, _ in self._source_window) / n
 
     def _lineage(self, items: list[Item]) -> None:
         line = {
@@ -287,12 +358,14 @@ class TrainingRun:
         p.tokens_per_s = rate
         p.learning_rate = lr
         metrics.STEP.set(self.step)
-        metrics.TOKENS_TRAINED.inc(targets)
         metrics.TOKENS_PER_SECOND.set(rate)
         metrics.LOSS.labels("total").set(loss)
         for name, value in components.items():
             metrics.LOSS.labels(name).set(value)
         self._publish()
+
+    def _held_out_ready(self) -> bool:
+        return self.evalset.ready(self.spec.eval.min_eval_samples)
 
     def _publish_idle(self) -> None:
         now = time.monotonic()
@@ -304,7 +377,11 @@ class TrainingRun:
         p = self.progress
         st = self.intake.stats
         p.samples_seen = st.read
-        p.samples_dropped = st.duplicate + st.filtered + st.dead_letter
+        p.samples_dropped = st.duplicate + st.filtered + st.dead_letter + st.stale_dropped
+        p.on_policy_requested = self.sampler.requested
+        p.on_policy_received = st.on_policy
+        p.stale_samples = st.stale
+        p.stale_dropped = st.stale_dropped
         lag = self.consumer.lag()
         if lag is not None:
             p.lag = lag
@@ -316,17 +393,21 @@ class TrainingRun:
 
     def _checkpoint(self, evaluate_first: bool) -> Checkpoint:
         result = EvalResult()
-        if evaluate_first and self.evalset.ready(self.spec.eval.min_eval_samples):
+        metric = gate_metric(self.spec)
+        if evaluate_first and self._held_out_ready():
             started = time.monotonic()
-            result = evaluate(self.model, self.tokenizer, self.evalset, self.spec)
+            result = evaluate(self.model, self.tokenizer, self.evalset, self.spec, self.device, self.autocast)
             logger.info(
                 "evaluated",
                 extra={"run_id": self.spec.run_id, "step": self.step, "metrics": result.metrics(),
                        "seconds": round(time.monotonic() - started, 1), "examples": result.samples},
             )  # fmt: skip
             for name, value in result.metrics().items():
-                metrics.EVAL_GAUGES[name].set(value)
-            self.progress.last_eval.CopyFrom(result.to_proto(self.step))
+                if name in metrics.EVAL_GAUGES:
+                    metrics.EVAL_GAUGES[name].set(value)
+            if metric in result.metrics():
+                metrics.GATE_SCORE.labels(metric).set(result.metrics()[metric])
+            self.progress.last_eval.CopyFrom(result.to_proto(self.step, metric))
         scores = {**result.metrics(), "loss": self.progress.loss, "tokens_trained": float(self.progress.tokens_trained)}
         offsets = {str(p): o for p, o in self.tracker.safe_offsets().items()}
         teacher = self.intake.teacher or {"model": self.teacher_dir.name}
@@ -346,11 +427,12 @@ class TrainingRun:
                 "buffer": resume_state(self.tracker, self.buffer),
                 "intake": self.intake.state(),
                 "eval": self.evalset.to_state(),
+                "tokens_by_source": dict(self.progress.tokens_by_source),
             },
         )
         self._last_ckpt_step = self.step
         metrics.CHECKPOINTS_WRITTEN.inc()
-        promote, why = passes_gate(scores, self.spec.gate, self.registry.latest_promoted())
+        promote, why = passes_gate(scores, self.spec.gate, metric, last_promoted_of_task(self.registry, self.spec.task))
         if promote:
             self.registry.promote(ckpt)
             metrics.CHECKPOINTS_PROMOTED.inc()
@@ -364,7 +446,7 @@ class TrainingRun:
         logger.info(
             "checkpoint written",
             extra={"run_id": self.spec.run_id, "version": ckpt.version, "step": self.step, "promoted": promote,
-                   "gate": why, "offsets": offsets},
+                   "gate": f"{metric}: {why}", "offsets": offsets},
         )  # fmt: skip
         self._publish()
         return ckpt

@@ -33,6 +33,8 @@ MIN_PROB = 1e-8
 #: keeps logaddexp's gradient finite (−inf − −inf = nan would poison the backward pass of the JSD mixture).
 EMPTY = -1e4
 COMPONENTS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "cross_entropy", "reference_ce")
+#: Terms on scored student completions (on-policy), reported apart from the same terms on other samples.
+ON_POLICY_COMPONENTS = tuple(f"on_policy_{name}" for name in ("forward_kl", "reverse_kl", "jsd", "skew_kl"))
 
 
 def teacher_buckets(top_logprobs: Tensor) -> Tensor:
@@ -179,9 +181,10 @@ class LossWeights:
 class LossInputs:
     """Everything the mixed loss needs for one micro-batch, already gathered at answer positions.
 
-    Teacher-sample positions (Nt): `t_logits` (Nt, V), `top_ids` / `top_logprobs` (Nt, K), `top_valid` (Nt, K),
-    `sampled` (Nt,) the teacher's sampled token, `t_weights` (Nt,). Reference-answer positions (Nr):
-    `r_logits` (Nr, V), `r_targets` (Nr,), `r_weights` (Nr,).
+    Off-policy teacher-sample positions (Nt): `t_logits` (Nt, V), `top_ids` / `top_logprobs` (Nt, K), `top_valid`
+    (Nt, K), `sampled` (Nt,) the sample's token, `t_weights` (Nt,). Reference-answer positions (Nr): `r_logits`
+    (Nr, V), `r_targets` (Nr,), `r_weights` (Nr,). Scored student completions (No, on-policy): `o_logits` (No, V),
+    `o_top_ids` / `o_top_logprobs` / `o_top_valid` (No, K), `o_weights` (No,); empty by default.
     """
 
     t_logits: Tensor
@@ -193,32 +196,70 @@ class LossInputs:
     r_logits: Tensor
     r_targets: Tensor
     r_weights: Tensor
+    o_logits: Tensor | None = None
+    o_top_ids: Tensor | None = None
+    o_top_logprobs: Tensor | None = None
+    o_top_valid: Tensor | None = None
+    o_weights: Tensor | None = None
 
 
-def distillation_loss(w: LossWeights, x: LossInputs) -> tuple[Tensor, dict[str, float]]:
-    """The weighted sum of the enabled terms, and each term's value (unweighted) for metrics.
+def _divergences(
+    w: LossWeights, logits: Tensor, top_ids: Tensor, top_logprobs: Tensor, valid: Tensor
+) -> dict[str, Tensor]:
+    """Per-position values (N,) of the KL-family terms `w` enables, on the teacher's top-k + tail buckets."""
+    out: dict[str, Tensor] = {}
+    if not w.uses_teacher_distribution() or logits.shape[0] == 0:
+        return out
+    t_log = teacher_buckets(top_logprobs)
+    s_log = student_buckets(logits, top_ids, valid, w.temperature)
+    if w.forward_kl > 0:
+        out["forward_kl"] = forward_kl(t_log, s_log)
+    if w.reverse_kl > 0:
+        out["reverse_kl"] = reverse_kl(t_log, s_log)
+    if w.jsd > 0:
+        out["jsd"] = generalized_jsd(t_log, s_log, w.jsd_beta)
+    if w.skew_kl > 0:
+        out["skew_kl"] = skew_kl(t_log, s_log, w.skew_alpha)
+    return out
 
-    Each term is a mean over its own positions, so the teacher and reference terms keep their scale whatever
-    the mix of sample kinds in a batch.
+
+def distillation_loss(
+    w: LossWeights, x: LossInputs, on_policy: LossWeights | None = None
+) -> tuple[Tensor, dict[str, float], Tensor]:
+    """The weighted sum of the enabled terms, each term's value (unweighted) for metrics, and the loss of every
+    position (N,) = (Nt + No + Nr,), detached, in row order: what `batch_loss` splits by signal source.
+
+    Each term is a mean over its own positions, so the off-policy, on-policy and reference terms keep their scale
+    whatever the mix of sample kinds in a batch. `on_policy` (default: `w`) weighs the scored student completions.
     """
-    parts: dict[str, Tensor] = {}
-    if w.uses_teacher_distribution() and x.t_logits.shape[0] > 0:
-        t_log = teacher_buckets(x.top_logprobs)
-        s_log = student_buckets(x.t_logits, x.top_ids, x.top_valid, w.temperature)
-        if w.forward_kl > 0:
-            parts["forward_kl"] = weighted_mean(forward_kl(t_log, s_log), x.t_weights)
-        if w.reverse_kl > 0:
-            parts["reverse_kl"] = weighted_mean(reverse_kl(t_log, s_log), x.t_weights)
-        if w.jsd > 0:
-            parts["jsd"] = weighted_mean(generalized_jsd(t_log, s_log, w.jsd_beta), x.t_weights)
-        if w.skew_kl > 0:
-            parts["skew_kl"] = weighted_mean(skew_kl(t_log, s_log, w.skew_alpha), x.t_weights)
+    on_policy = on_policy or w
+    values: dict[str, Tensor] = {}  # term → per-position values (unweighted)
+    values.update(_divergences(w, x.t_logits, x.top_ids, x.top_logprobs, x.top_valid))
     if w.cross_entropy > 0 and x.t_logits.shape[0] > 0:
-        parts["cross_entropy"] = weighted_mean(token_cross_entropy(x.t_logits, x.sampled), x.t_weights)
+        values["cross_entropy"] = token_cross_entropy(x.t_logits, x.sampled)
     if w.reference_ce > 0 and x.r_logits.shape[0] > 0:
-        parts["reference_ce"] = weighted_mean(token_cross_entropy(x.r_logits, x.r_targets), x.r_weights)
+        values["reference_ce"] = token_cross_entropy(x.r_logits, x.r_targets)
+    o_logits = x.o_logits if x.o_logits is not None else x.t_logits[:0]
+    if o_logits.shape[0] > 0:
+        assert x.o_top_ids is not None and x.o_top_logprobs is not None and x.o_top_valid is not None
+        found = _divergences(on_policy, o_logits, x.o_top_ids, x.o_top_logprobs, x.o_top_valid)
+        values.update({f"on_policy_{name}": v for name, v in found.items()})
+    o_weights = x.o_weights if x.o_weights is not None else x.t_weights[:0]
+    row_weights = {"reference_ce": x.r_weights}
     # Zero with a graph to the logits, so an all-masked micro-batch still backpropagates (zeros) cleanly.
-    total = x.t_logits.sum() * 0.0 + x.r_logits.sum() * 0.0
-    for name, value in parts.items():
-        total = total + getattr(w, name) * value
-    return total, {name: float(value.detach()) for name, value in parts.items()}
+    total = x.t_logits.sum() * 0.0 + x.r_logits.sum() * 0.0 + o_logits.sum() * 0.0
+    per_t = torch.zeros(x.t_logits.shape[0], device=x.t_logits.device)
+    per_o = torch.zeros(o_logits.shape[0], device=x.t_logits.device)
+    per_r = torch.zeros(x.r_logits.shape[0], device=x.t_logits.device)
+    parts: dict[str, float] = {}
+    for name, value in values.items():
+        if name.startswith("on_policy_"):
+            weight, rows, per = getattr(on_policy, name.removeprefix("on_policy_")), o_weights, per_o
+        else:
+            weight, rows, per = getattr(w, name), row_weights.get(name, x.t_weights), per_t
+            per = per_r if name == "reference_ce" else per
+        term = weighted_mean(value, rows)
+        total = total + weight * term
+        per += weight * (value * rows).detach()
+        parts[name] = float(term.detach())
+    return total, parts, torch.cat([per_t, per_o, per_r])

@@ -18,6 +18,7 @@ from services.common.logs import setup_logging
 from services.common.models import resolve_model
 from services.common.registry import Registry
 from services.common.settings import cpu_list
+from services.trainer.device import resolve_device
 from services.trainer.loop import torch_threads
 from services.trainer.runs import RunManager
 from services.trainer.servicer import TrainerServicer
@@ -45,7 +46,8 @@ class TrainerApp:
         """Resolves the teacher folder (preparing the default teacher on first use) and creates the topics."""
         import torch
 
-        torch.set_num_threads(torch_threads(settings.torch_threads))
+        if resolve_device(settings.device).type == "cpu":
+            torch.set_num_threads(torch_threads(settings.torch_threads))
         teacher_dir = await asyncio.to_thread(resolve_model, settings.teacher_model, settings.models)
         await asyncio.to_thread(ensure_topics, settings.kafka)
         return cls(settings, teacher_dir)
@@ -70,7 +72,7 @@ class TrainerApp:
 async def run(settings: TrainerSettings) -> None:
     """`distillery trainer serve`: runs until SIGTERM/SIGINT."""
     setup_logging("trainer", settings.log_level, settings.log_format)
-    if settings.cpu_bind:
+    if settings.cpu_bind and resolve_device(settings.device).type == "cpu":
         # Before torch starts its thread pool and the intake and gRPC threads start: they inherit the affinity.
         try:
             os.sched_setaffinity(0, cpu_list(settings.cpu_bind))

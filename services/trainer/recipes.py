@@ -8,9 +8,16 @@ The default student is Minitron-pruned from SmolLM2-135M (30 layers, hidden 576,
 
 from __future__ import annotations
 
+from typing import Any
+
 from services.common import pb
 
-DEFAULT_TASK = "math_word_problems"
+#: Held-out metrics a gate may read; kl (and perplexity) are better when lower.
+GATE_METRICS = ("accuracy", "teacher_agreement", "top1_agreement", "kl")
+LOWER_IS_BETTER = frozenset({"kl", "perplexity"})
+
+#: The use-case label of a run that gives none (labels only filter samples; the checker is `spec.checker`).
+DEFAULT_TASK = "default"
 
 DEFAULT_STUDENT_RECIPE = pb.trainer.StudentRecipe(
     pruned=pb.trainer.PrunedStudent(
@@ -63,6 +70,20 @@ DEFAULT_EVAL = pb.trainer.EvalSpec(
     min_eval_samples=16,
 )
 
+#: Reverse KL on the student's own completions (MiniLLM; GKD with β = 1; the per-token reverse KL of on-policy
+#: distillation recipes such as Tinker's): mode-seeking, so the student is pulled off what the teacher finds unlikely.
+DEFAULT_ON_POLICY_LOSS = pb.trainer.LossSpec(reverse_kl=1.0, jsd_beta=0.5, skew_alpha=0.1, temperature=1.0)
+
+DEFAULT_ON_POLICY = pb.trainer.OnPolicySpec(
+    fraction=0.0,
+    refresh_every_steps=20,
+    prompts_per_refresh=64,
+    max_new_tokens=64,
+    temperature=1.0,
+    max_staleness_steps=100,
+    drop_stale=False,
+)
+
 DEFAULT_SEED = 0
 
 
@@ -83,7 +104,9 @@ def default_run_spec(
         gate=DEFAULT_GATE,
         eval=DEFAULT_EVAL,
         seed=DEFAULT_SEED,
+        on_policy=DEFAULT_ON_POLICY,
     )
+    spec.on_policy.loss.CopyFrom(DEFAULT_ON_POLICY_LOSS)
     if max_steps is not None:
         spec.schedule.max_steps = max_steps
     return spec
@@ -96,14 +119,47 @@ def _fill_optional(target: object, defaults: object) -> None:
             setattr(target, field.name, getattr(defaults, field.name))
 
 
-def with_defaults(spec: pb.trainer.RunSpec) -> pb.trainer.RunSpec:
-    """A copy of `spec` with every unset field taken from the defaults (does not validate; see `spec.validate`)."""
+def student_for(teacher_config: dict[str, Any] | None) -> pb.trainer.StudentRecipe:
+    """The default student of a teacher: `DEFAULT_STUDENT_RECIPE` for the default teacher's shape; for any other
+    teacher the same proportions (a fifth of the layers by block importance, 0.44 of the width, heads and MLP;
+    head size kept), so a user's own teacher gets a student it can be pruned into."""
+    c = teacher_config or {}
+    layers, hidden = int(c.get("num_hidden_layers", 0)), int(c.get("hidden_size", 0))
+    heads, kv = (
+        int(c.get("num_attention_heads", 0)),
+        int(c.get("num_key_value_heads", 0) or c.get("num_attention_heads", 0)),
+    )
+    mlp = int(c.get("intermediate_size", 0))
+    if not all((layers, hidden, heads, kv, mlp)) or (layers, hidden, heads, kv, mlp) == (30, 576, 9, 3, 1536):
+        return DEFAULT_STUDENT_RECIPE
+    width = 0.44
+    kv_s = max(1, round(kv * width))
+    heads_s = max(kv_s, round(heads * width) // kv_s * kv_s)
+    heads_s = min(heads_s, kv_s * (heads // kv))  # no more query heads per key/value head than the teacher
+    hidden_s = max(heads_s, round(hidden * width / heads_s) * heads_s)
+    return pb.trainer.StudentRecipe(
+        pruned=pb.trainer.PrunedStudent(
+            num_layers=max(1, round(layers / 5)),
+            layer_selection=pb.trainer.LAYER_SELECTION_IMPORTANCE,
+            hidden_size=min(hidden, hidden_s),
+            intermediate_size=max(1, min(mlp, round(mlp * width))),
+            num_attention_heads=heads_s,
+            num_key_value_heads=kv_s,
+            calibration_samples=64,
+        )
+    )
+
+
+def with_defaults(spec: pb.trainer.RunSpec, teacher_config: dict[str, Any] | None = None) -> pb.trainer.RunSpec:
+    """A copy of `spec` with every unset field taken from the defaults (does not validate; see `spec.validate`).
+
+    An unset student is the teacher's default student (`student_for`)."""
     out = pb.trainer.RunSpec()
     out.CopyFrom(spec)
     if not out.task:
         out.task = DEFAULT_TASK
     if out.student.WhichOneof("source") is None:
-        out.student.CopyFrom(DEFAULT_STUDENT_RECIPE)
+        out.student.CopyFrom(student_for(teacher_config))
     weights = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "cross_entropy", "reference_ce")
     if not out.HasField("loss") or all(getattr(out.loss, w) == 0 for w in weights):
         for w in weights:
@@ -115,6 +171,11 @@ def with_defaults(spec: pb.trainer.RunSpec) -> pb.trainer.RunSpec:
     _fill_optional(out.data, DEFAULT_DATA)
     _fill_optional(out.gate, DEFAULT_GATE)
     _fill_optional(out.eval, DEFAULT_EVAL)
+    _fill_optional(out.on_policy, DEFAULT_ON_POLICY)
+    if all(getattr(out.on_policy.loss, w) == 0 for w in weights):
+        for w in weights:
+            setattr(out.on_policy.loss, w, getattr(DEFAULT_ON_POLICY_LOSS, w))
+    _fill_optional(out.on_policy.loss, DEFAULT_ON_POLICY_LOSS)
     if not out.HasField("seed"):
         out.seed = DEFAULT_SEED
     return out

@@ -152,7 +152,7 @@ class RunManager:
     # --- RPC operations ------------------------------------------------------------------------------------------
 
     def start_run(self, spec: pb.trainer.RunSpec) -> pb.trainer.RunInfo:
-        full = complete(spec, self.teacher_config)  # raises InvalidArgument naming the field
+        full = complete(spec, self.teacher_config, self.settings.checker_modules)  # InvalidArgument naming the field
         with self.lock:
             if full.run_id in self.runs:
                 raise AlreadyExists(f"spec.run_id={full.run_id!r}: a run with this id exists")

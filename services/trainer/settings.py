@@ -47,7 +47,19 @@ class TrainerSettings(ServiceSettings):
     """Optional audit trail: one JSON line per optimizer step (pid, run, step, and the partition/offset/kind/use
     of every item it trained), so what a checkpoint was trained on can be traced back to the samples topic."""
     announce_timeout_s: float = Field(30.0, gt=0, le=600)
-    """Longest wait for the broker to acknowledge a checkpoint event."""
+    """Longest wait for the broker to acknowledge a checkpoint event (and a round of on-policy score requests)."""
+    device: str = "auto"
+    """Where the student trains and is evaluated: "auto" (CUDA when there is one, else CPU), "cpu", "cuda" or
+    "cuda:N". On CUDA, steps run under bf16 autocast with pinned-memory batches, and the CPU-only settings
+    (torch_threads, cpu_bind) are not applied."""
+    checker_modules: list[str] = Field(default_factory=list)
+    """Modules (with their submodules) a run's `python:MODULE:FUNCTION` checker may come from. Empty: no python
+    checkers, so a StartRun caller cannot make the trainer import code; `distillery distil --checker python:…` sets
+    it for the module it was given. Comma-separated in the environment is not supported: use JSON,
+    `DISTILLERY_TRAINER_CHECKER_MODULES='["my_checks"]'`."""
+    calibration_samples: int = Field(64, ge=1, le=100_000)
+    """Training samples a pruned student is calibrated on when its recipe does not say (the first ones of the
+    run's stream: the user's own prompts and the teacher's answers)."""
 
     @field_validator("cpu_bind")
     @classmethod

@@ -14,9 +14,9 @@ from google.protobuf import json_format
 from services.common import pb
 from services.common.errors import InvalidArgument
 from services.common.registry import CheckpointError, path_from_uri, verify
-from services.tasks import task_names
+from services.tasks import CheckerError, parse_checker
 from services.trainer.losses import LossWeights
-from services.trainer.recipes import with_defaults
+from services.trainer.recipes import GATE_METRICS, with_defaults
 from services.trainer.student import resolve_shape
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -27,35 +27,66 @@ def new_run_id() -> str:
 
 
 def _range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
-    if value < low or value > high or (low_open and value == low):
+    # `not low <= value` also refuses NaN, which every comparison answers False.
+    if not low <= value <= high or (low_open and value == low):
         bracket = "(" if low_open else "["
         raise InvalidArgument(field, value, f"must be in {bracket}{low}, {high}]")
 
 
-def complete(spec: pb.trainer.RunSpec, teacher_config: dict[str, Any] | None) -> pb.trainer.RunSpec:
+def complete(
+    spec: pb.trainer.RunSpec, teacher_config: dict[str, Any] | None, checker_modules: list[str] | None = None
+) -> pb.trainer.RunSpec:
     """Defaults filled, a run id assigned when empty, and every field validated; raises InvalidArgument."""
-    full = with_defaults(spec)
+    full = with_defaults(spec, teacher_config)
     if not full.run_id:
         full.run_id = new_run_id()
-    validate(full, teacher_config)
+    validate(full, teacher_config, checker_modules or [])
     return full
 
 
-def validate(spec: pb.trainer.RunSpec, teacher_config: dict[str, Any] | None) -> None:
-    """Checks a spec that `with_defaults` completed. `teacher_config` (config.json) checks pruned shapes."""
-    if not RUN_ID_RE.match(spec.run_id):
-        raise InvalidArgument("spec.run_id", spec.run_id, "use 1-64 letters, digits, '.', '_' or '-'")
-    if spec.task not in task_names():
-        raise InvalidArgument("spec.task", spec.task, f"must be one of {task_names()}")
-    _validate_student(spec.student, teacher_config)
-
-    loss = spec.loss
+def _validate_loss(loss: pb.trainer.LossSpec, where: str) -> None:
     weights = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "cross_entropy", "reference_ce")
     for name in weights:
-        _range(f"spec.loss.{name}", getattr(loss, name), 0.0, 1000.0)
-    _range("spec.loss.jsd_beta", loss.jsd_beta, 0.0, 1.0)
-    _range("spec.loss.skew_alpha", loss.skew_alpha, 0.0, 1.0)
-    _range("spec.loss.temperature", loss.temperature, 0.0, 100.0, low_open=True)
+        _range(f"{where}.{name}", getattr(loss, name), 0.0, 1000.0)
+    _range(f"{where}.jsd_beta", loss.jsd_beta, 0.0, 1.0)
+    _range(f"{where}.skew_alpha", loss.skew_alpha, 0.0, 1.0)
+    _range(f"{where}.temperature", loss.temperature, 0.0, 100.0, low_open=True)
+
+
+def _validate_on_policy(spec: pb.trainer.RunSpec) -> None:
+    o = spec.on_policy
+    _range("spec.on_policy.fraction", o.fraction, 0.0, 1.0)
+    _range("spec.on_policy.refresh_every_steps", o.refresh_every_steps, 1, 1_000_000)
+    _range("spec.on_policy.prompts_per_refresh", o.prompts_per_refresh, 1, 100_000)
+    _range("spec.on_policy.max_new_tokens", o.max_new_tokens, 1, 4096)
+    _range("spec.on_policy.temperature", o.temperature, 0.0, 10.0)
+    _range("spec.on_policy.max_staleness_steps", o.max_staleness_steps, 0, 100_000_000)
+    _validate_loss(o.loss, "spec.on_policy.loss")
+    cross_entropy = ("cross_entropy", "reference_ce")
+    for name in cross_entropy:
+        if getattr(o.loss, name) > 0:
+            # Cross-entropy on the student's own tokens would reinforce whatever it sampled, right or wrong.
+            raise InvalidArgument(f"spec.on_policy.loss.{name}", getattr(o.loss, name),
+                                  "on-policy samples are the student's own text: use KL terms only")  # fmt: skip
+    if o.fraction > 0 and not any(getattr(o.loss, w) > 0 for w in ("forward_kl", "reverse_kl", "jsd", "skew_kl")):
+        raise InvalidArgument("spec.on_policy.loss", "all zero", "give a KL-family weight (e.g. reverse_kl: 1)")
+
+
+def validate(spec: pb.trainer.RunSpec, teacher_config: dict[str, Any] | None, checker_modules: list[str]) -> None:
+    """Checks a spec that `with_defaults` completed. `teacher_config` (config.json) checks pruned shapes;
+    `checker_modules` are the modules a python: checker may come from (the trainer's setting)."""
+    if not RUN_ID_RE.match(spec.run_id):
+        raise InvalidArgument("spec.run_id", spec.run_id, "use 1-64 letters, digits, '.', '_' or '-'")
+    if len(spec.task) > 200:
+        raise InvalidArgument("spec.task", spec.task[:40] + "…", "a label of at most 200 characters")
+    if spec.checker:
+        try:
+            parse_checker(spec.checker, checker_modules)
+        except CheckerError as exc:
+            raise InvalidArgument("spec.checker", spec.checker, str(exc).split(": ", 1)[-1]) from None
+    _validate_student(spec.student, teacher_config)
+    _validate_loss(spec.loss, "spec.loss")
+    _validate_on_policy(spec)
 
     s = spec.schedule
     _range("spec.schedule.learning_rate", s.learning_rate, 0.0, 1.0, low_open=True)
@@ -76,14 +107,18 @@ def validate(spec: pb.trainer.RunSpec, teacher_config: dict[str, Any] | None) ->
         )
 
     _range("spec.data.incorrect_weight", spec.data.incorrect_weight, 0.0, 1.0)
-    for i, task in enumerate(spec.data.tasks):
-        if task not in task_names():
-            raise InvalidArgument(f"spec.data.tasks[{i}]", task, f"must be one of {task_names()}")
     if spec.data.verify not in pb.trainer.VerifyMode.values():
         raise InvalidArgument("spec.data.verify", spec.data.verify, "unknown verify mode")
 
     _range("spec.gate.min_accuracy_ratio", spec.gate.min_accuracy_ratio, 0.0, 100.0)
     _range("spec.gate.min_accuracy", spec.gate.min_accuracy, 0.0, 1.0)
+    if spec.gate.metric and spec.gate.metric not in GATE_METRICS:
+        raise InvalidArgument("spec.gate.metric", spec.gate.metric, f"must be one of {', '.join(GATE_METRICS)}")
+    if spec.gate.metric == "accuracy" and not spec.checker:
+        raise InvalidArgument("spec.gate.metric", "accuracy", "needs a checker (spec.checker); or gate on "
+                              "teacher_agreement")  # fmt: skip
+    if spec.gate.HasField("min_score"):
+        _range("spec.gate.min_score", spec.gate.min_score, 0.0, 1e6)
     _range("spec.eval.max_prompts", spec.eval.max_prompts, 0, 100_000)
     _range("spec.eval.max_new_tokens", spec.eval.max_new_tokens, 1, 4096)
     _range("spec.eval.max_agreement_samples", spec.eval.max_agreement_samples, 0, 100_000)
@@ -115,8 +150,9 @@ def _validate_student(recipe: pb.trainer.StudentRecipe, teacher_config: dict[str
         resolve_shape(config, recipe.pruned, field="spec.student.pruned")
 
 
-def loss_weights(spec: pb.trainer.RunSpec) -> LossWeights:
-    loss = spec.loss
+def loss_weights(spec: pb.trainer.RunSpec, on_policy: bool = False) -> LossWeights:
+    """The loss mix of the run's samples, or (`on_policy`) of its scored student completions."""
+    loss = spec.on_policy.loss if on_policy else spec.loss
     return LossWeights(
         forward_kl=loss.forward_kl,
         reverse_kl=loss.reverse_kl,

@@ -38,9 +38,12 @@ def tiny_samples(tiny_teacher: Path) -> list:
 def tiny_spec(run_id: str = "", **schedule: int) -> Any:
     """A run spec for the tiny teacher: a 2-layer pruned student, small batches, frequent checkpoints."""
     from services.common import pb
+    from tests.trainer.samples import CHECKER, TASK
 
     spec = pb.trainer.RunSpec(
         run_id=run_id,
+        task=TASK,
+        checker=CHECKER,
         student=pb.trainer.StudentRecipe(
             pruned=pb.trainer.PrunedStudent(
                 num_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,

@@ -11,9 +11,11 @@ from services.common import pb
 from services.common.kafka import ProtoProducer
 from services.common.models import load_causal_lm, load_tokenizer
 from services.common.settings import KafkaSettings
-from services.tasks import get_task
+from services.tasks.builtin import DEFAULT_TASK, get_builtin
 
-TASK = "math_word_problems"
+TASK = DEFAULT_TASK
+#: The checker the samples' references are judged with (a RunSpec's `checker`).
+CHECKER = get_builtin(TASK).checker
 
 
 def make_samples(
@@ -30,13 +32,12 @@ def make_samples(
 
     A random tiny model is nearly uniform; its logits are multiplied by `sharpen` so the top-k hold real mass.
     """
-    task = get_task(TASK)
-    problems = task.generate(n_train, seed=seed, split="train") + task.generate(n_eval, seed=seed, split="eval")
+    problems = get_builtin(TASK).generate(n_train, n_eval, seed)
     model = load_causal_lm(teacher_dir, dtype=torch.float32)
     tok = load_tokenizer(teacher_dir)
     out = []
     for problem in problems:
-        prompt = tok.apply_chat_template(task.messages(problem), add_generation_prompt=True, tokenize=True)
+        prompt = tok.apply_chat_template(problem.content.chat(), add_generation_prompt=True, tokenize=True)
         if not isinstance(prompt, list):
             prompt = prompt["input_ids"]
         with torch.no_grad():
@@ -56,8 +57,8 @@ def make_samples(
         sampled = logprobs.gather(-1, torch.tensor(completion)[:, None])[:, 0]
         split = pb.common.SPLIT_EVAL if problem.split == "eval" else pb.common.SPLIT_TRAIN
         sample = pb.common.TeacherSample(
-            sample_id=hashlib.sha256(f"{problem.prompt_id}/{seed}".encode()).hexdigest(),
-            prompt_id=problem.prompt_id,
+            sample_id=hashlib.sha256(f"{problem.id}/{seed}".encode()).hexdigest(),
+            prompt_id=problem.id,
             task=TASK,
             split=split,
             teacher_model="tiny-teacher",
@@ -65,7 +66,9 @@ def make_samples(
             completion_text=tok.decode(completion, skip_special_tokens=True),
             top_k=top_k,
             finish_reason=pb.common.FINISH_REASON_LENGTH,
-            reference_answer=problem.solution,
+            reference_answer=problem.reference,
+            source=pb.common.SAMPLE_SOURCE_GENERATED,
+            sampling=pb.common.SamplingParams(temperature=0.0),
         )
         sample.prompt_token_ids.extend(prompt)
         sample.completion_token_ids.extend(completion)

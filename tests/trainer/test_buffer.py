@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from services.trainer.buffer import REFERENCE, SAMPLE, Item, OffsetTracker, Replay, ReplayBuffer, resume_state
+from services.trainer.buffer import (
+    REFERENCE,
+    SAMPLE,
+    SCORED_STUDENT,
+    Item,
+    OffsetTracker,
+    Replay,
+    ReplayBuffer,
+    resume_state,
+)
 
 
 def _item(p: int, o: int, kind: str = SAMPLE) -> Item:
@@ -74,3 +83,20 @@ def test_resume_state_round_trip() -> None:
     assert replay.seen_before(0, 2) and not replay.seen_before(0, 3) and not replay.seen_before(1, 7)
     assert replay.uses(0, 0) == {SAMPLE: 1} and replay.uses(0, 2) == {SAMPLE: 0}
     assert replay.uses(0, 9) == {}
+
+
+def test_on_policy_quota_takes_student_completions_first_then_replays_them() -> None:
+    """GKD's λ: `on_policy` of a batch come from scored student completions (fresh first, then with uses left),
+    the rest from the other samples, oldest first."""
+    buf, tr = ReplayBuffer(capacity=16, reuse=2), OffsetTracker()
+    items = [_item(0, i) for i in range(6)]
+    for i in (1, 4):
+        items[i].source = SCORED_STUDENT
+    _feed(buf, tr, items)
+    batch, _ = buf.take(4, replay=True, on_policy=2)
+    assert [it.offset for it in batch] == [1, 4, 0, 2]
+    batch, _ = buf.take(4, replay=True, on_policy=2)  # no fresh student completion left: replayed ones
+    assert [it.offset for it in batch] == [1, 4, 3, 5]
+    assert buf.fresh_on_policy() == 0
+    batch, _ = buf.take(4, replay=False, on_policy=3)  # used up and no replay: the rest is off-policy
+    assert all(not it.on_policy for it in batch)

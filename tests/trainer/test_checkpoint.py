@@ -15,6 +15,7 @@ from services.common import pb
 from services.common.models import load_causal_lm
 from services.common.registry import Registry, sha256_file
 from services.trainer.checkpoint import (
+    gate_metric,
     load_resume_point,
     newest_resume_point,
     optimizer_from_tensors,
@@ -88,16 +89,41 @@ def test_tampered_or_pickle_checkpoints_are_refused_for_resume(tiny_teacher: Pat
     assert newest_resume_point(registry, "r") is None
 
 
-def test_gate() -> None:
+def test_gate_on_accuracy() -> None:
     gate = pb.trainer.GateSpec(min_accuracy_ratio=0.8, must_beat_promoted=True, min_accuracy=0.1)
     promoted: Any = SimpleNamespace(version=3, manifest=SimpleNamespace(metrics={"accuracy": 0.45}))
-    assert not passes_gate({}, gate, None)[0]  # nothing measured
-    assert not passes_gate({"accuracy": 0.05, "teacher_accuracy": 0.0}, gate, None)[0]  # under min_accuracy
-    assert not passes_gate({"accuracy": 0.3, "teacher_accuracy": 0.5}, gate, None)[0]  # under 0.8 × teacher
-    assert passes_gate({"accuracy": 0.4, "teacher_accuracy": 0.5}, gate, None)[0]
-    assert not passes_gate({"accuracy": 0.45, "teacher_accuracy": 0.5}, gate, promoted)[0]  # must beat 0.45
-    assert passes_gate({"accuracy": 0.5, "teacher_accuracy": 0.5}, gate, promoted)[0]
-    assert passes_gate({"accuracy": 0.6, "teacher_accuracy": 0.5}, gate, promoted)[0]  # better than the teacher
+    assert not passes_gate({}, gate, "accuracy", None)[0]  # nothing measured
+    assert not passes_gate({"accuracy": 0.05, "teacher_accuracy": 0.0}, gate, "accuracy", None)[0]  # < min_accuracy
+    assert not passes_gate({"accuracy": 0.3, "teacher_accuracy": 0.5}, gate, "accuracy", None)[0]  # < 0.8 × teacher
+    assert passes_gate({"accuracy": 0.4, "teacher_accuracy": 0.5}, gate, "accuracy", None)[0]
+    assert not passes_gate({"accuracy": 0.45, "teacher_accuracy": 0.5}, gate, "accuracy", promoted)[0]  # beat 0.45
+    assert passes_gate({"accuracy": 0.5, "teacher_accuracy": 0.5}, gate, "accuracy", promoted)[0]
+    assert passes_gate({"accuracy": 0.6, "teacher_accuracy": 0.5}, gate, "accuracy", promoted)[0]
+
+
+def test_gate_compares_with_the_teacher_at_its_best_prompt() -> None:
+    gate = pb.trainer.GateSpec(min_accuracy_ratio=1.0)
+    scores = {"accuracy": 0.3, "teacher_accuracy": 0.25, "teacher_accuracy_best_prompt": 0.35}
+    ok, why = passes_gate(scores, gate, "accuracy", None)
+    assert not ok and "teacher 0.350" in why
+
+
+def test_gate_without_a_checker_reads_the_fidelity_metric() -> None:
+    """A checker-less run gates on agreement with the teacher; kl gates the other way round (lower is better)."""
+    gate = pb.trainer.GateSpec(must_beat_promoted=True, min_score=0.2)
+    promoted: Any = SimpleNamespace(version=2, manifest=SimpleNamespace(metrics={"teacher_agreement": 0.3, "kl": 1.0}))
+    assert not passes_gate({"kl": 0.5}, gate, "teacher_agreement", None)[0]  # not measured
+    assert not passes_gate({"teacher_agreement": 0.1}, gate, "teacher_agreement", None)[0]  # under min_score
+    assert passes_gate({"teacher_agreement": 0.25}, gate, "teacher_agreement", None)[0]
+    assert not passes_gate({"teacher_agreement": 0.25}, gate, "teacher_agreement", promoted)[0]
+    assert passes_gate({"teacher_agreement": 0.35}, gate, "teacher_agreement", promoted)[0]
+    kl_gate = pb.trainer.GateSpec(must_beat_promoted=True, min_score=2.0)
+    assert not passes_gate({"kl": 2.5}, kl_gate, "kl", None)[0]  # above the bound
+    assert not passes_gate({"kl": 1.2}, kl_gate, "kl", promoted)[0]  # worse than the promoted 1.0
+    assert passes_gate({"kl": 0.8}, kl_gate, "kl", promoted)[0]
+    assert gate_metric(pb.trainer.RunSpec(checker="numeric")) == "accuracy"
+    assert gate_metric(pb.trainer.RunSpec()) == "teacher_agreement"
+    assert gate_metric(pb.trainer.RunSpec(gate=pb.trainer.GateSpec(metric="kl"))) == "kl"
 
 
 VLLM_SCRIPT = """

@@ -80,20 +80,30 @@ async def test_status_codes(stub: Any, app: TrainerApp) -> None:
     code, _ = await _code(stub.PromoteCheckpoint(pb.trainer.PromoteCheckpointRequest(version=999)))
     assert code == grpc.StatusCode.NOT_FOUND
 
-    bad = tiny_spec()
-    bad.schedule.batch_size = 0
-    code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=bad)))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.schedule.batch_size" in details
-    bad = tiny_spec()
-    bad.loss.jsd_beta = 2.0
-    code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=bad)))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.loss.jsd_beta" in details
-    bad = tiny_spec()
-    bad.student.pruned.hidden_size = 4096
-    code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=bad)))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.student.pruned.hidden_size" in details
-    code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=pb.trainer.RunSpec(task="chess"))))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.task" in details
+    def nan_lr(spec: Any) -> None:
+        spec.schedule.learning_rate = float("nan")
+
+    def accuracy_gate_without_checker(spec: Any) -> None:
+        spec.checker = ""
+        spec.gate.metric = "accuracy"
+
+    invalid: list[tuple[Any, str]] = [
+        (lambda spec: setattr(spec.schedule, "batch_size", 0), "spec.schedule.batch_size"),
+        (lambda spec: setattr(spec.loss, "jsd_beta", 2.0), "spec.loss.jsd_beta"),
+        (lambda spec: setattr(spec.student.pruned, "hidden_size", 4096), "spec.student.pruned.hidden_size"),
+        (lambda spec: setattr(spec, "checker", "fuzzy"), "spec.checker='fuzzy'"),
+        # A remote caller cannot make the trainer import code: python checkers come only from allowed modules.
+        (lambda spec: setattr(spec, "checker", "python:os:system"), "not an allowed checker module"),
+        (nan_lr, "spec.schedule.learning_rate=nan"),
+        (accuracy_gate_without_checker, "spec.gate.metric='accuracy': needs a checker"),
+        (lambda spec: setattr(spec.on_policy, "fraction", 1.5), "spec.on_policy.fraction"),
+        (lambda spec: setattr(spec.on_policy.loss, "cross_entropy", 1.0), "spec.on_policy.loss.cross_entropy"),
+    ]
+    for change, where in invalid:
+        bad = tiny_spec()
+        change(bad)
+        code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=bad)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and where in details, details
 
     # No samples on the topic: the first run waits for data, so the trainer is busy.
     first = (await stub.StartRun(pb.trainer.StartRunRequest(spec=tiny_spec("busy-1", max_steps=0)))).run
@@ -164,6 +174,10 @@ async def test_run_trains_evaluates_checkpoints_and_announces(
     assert ev.step == 30 and ev.HasField("kl") and ev.HasField("perplexity") and ev.HasField("accuracy")
     assert ev.HasField("teacher_accuracy") and ev.eval_prompts == 8
     assert final.samples_dropped >= 1  # the garbage record
+    # Where the signal came from, counted per trained token: the teacher's answers and the references' text.
+    assert set(final.tokens_by_source) == {"generated", "reference"}
+    assert sum(final.tokens_by_source.values()) == final.tokens_trained
+    assert all(final.loss_by_source[k] > 0 for k in final.tokens_by_source)
 
     listed = (await stub.ListCheckpoints(pb.trainer.ListCheckpointsRequest(run_id="fixed"))).checkpoints
     assert [c.step for c in listed] == [10, 20, 30]
@@ -198,7 +212,9 @@ async def test_run_trains_evaluates_checkpoints_and_announces(
         for s in fam.samples
     }
     assert values[("distillery_trainer_step", ())] == 30
-    assert values[("distillery_trainer_tokens_trained_total", ())] > 0
+    assert values[("distillery_trainer_tokens_trained_total", (("source", "generated"),))] > 0
+    assert values[("distillery_trainer_tokens_trained_total", (("source", "scored_student"),))] == 0
+    assert values[("distillery_trainer_gate_score", (("metric", "accuracy"),))] == ev.accuracy
     assert values[("distillery_trainer_samples_total", (("result", "dead_letter"),))] >= 1
     assert values[("distillery_trainer_checkpoints_written_total", ())] >= 3
     assert ("distillery_trainer_eval_kl", ()) in values
@@ -214,3 +230,60 @@ async def test_run_trains_evaluates_checkpoints_and_announces(
     # Promote by version is announced too.
     promoted = (await stub.PromoteCheckpoint(pb.trainer.PromoteCheckpointRequest(version=listed[0].version))).checkpoint
     assert promoted.promoted and promoted.version == listed[0].version
+
+
+async def test_a_run_without_a_checker_is_judged_and_promoted_by_agreement(
+    stub: Any, tiny_samples: list, kafka_settings: KafkaSettings
+) -> None:
+    """No checker, no references used: the held-out score is agreement with the teacher's answers, the gate reads
+    it, and the run promotes like a checked one."""
+    publish(kafka_settings, tiny_samples)
+    spec = tiny_spec("no-checker", max_steps=10, eval_every_steps=5, sample_reuse=20)
+    spec.checker = ""
+    spec.gate.must_beat_promoted = False
+    spec.gate.min_score = 0.0
+    await stub.StartRun(pb.trainer.StartRunRequest(spec=spec))
+    run = await _wait_state(stub, "no-checker", (pb.trainer.RUN_STATE_SUCCEEDED, pb.trainer.RUN_STATE_FAILED))
+    assert run.progress.state == pb.trainer.RUN_STATE_SUCCEEDED, run.progress.error
+    ev = run.progress.last_eval
+    assert ev.gate_metric == "teacher_agreement" and ev.HasField("teacher_agreement")
+    assert ev.gate_score == ev.teacher_agreement and not ev.HasField("accuracy")
+    assert not ev.HasField("teacher_accuracy")  # nothing judges the teacher either
+    listed = (await stub.ListCheckpoints(pb.trainer.ListCheckpointsRequest(run_id="no-checker"))).checkpoints
+    assert [c.promoted for c in listed] == [True, True]
+    assert "teacher_agreement" in listed[-1].metrics
+
+
+async def test_an_evaluation_due_before_the_held_out_answers_is_done_once_they_are_in(
+    stub: Any, tiny_samples: list, kafka_settings: KafkaSettings
+) -> None:
+    """The pipeline sends training prompts before the held-out ones: an evaluation that falls due first leaves an
+    unevaluated checkpoint and runs at the first step after every held-out answer is in, not eval_every later."""
+    train = [s for s in tiny_samples if s.split == pb.common.SPLIT_TRAIN]
+    held = [s for s in tiny_samples if s.split == pb.common.SPLIT_EVAL]
+    publish(kafka_settings, train)  # 48 samples: 6 steps of 8, then the run waits for data
+    spec = tiny_spec("late-held-out", max_steps=0, eval_every_steps=5, sample_reuse=1)
+    spec.loss.CopyFrom(pb.trainer.LossSpec(forward_kl=1.0))  # one item per sample: no reference items
+    spec.eval.min_eval_samples = len(held)
+    spec.gate.min_accuracy_ratio = 0.0
+    spec.gate.must_beat_promoted = False
+    await stub.StartRun(pb.trainer.StartRunRequest(spec=spec))
+    deadline = asyncio.get_running_loop().time() + 240
+    while (await stub.GetRun(pb.trainer.GetRunRequest(run_id="late-held-out"))).run.progress.step < 6:
+        assert asyncio.get_running_loop().time() < deadline, "the run never trained"
+        await asyncio.sleep(0.2)
+    (first,) = (await stub.ListCheckpoints(pb.trainer.ListCheckpointsRequest(run_id="late-held-out"))).checkpoints
+    assert first.step == 5 and "accuracy" not in first.metrics and not first.promoted
+    more = []
+    for s in train[:8]:  # one more batch, behind the held-out answers
+        copy = pb.common.TeacherSample()
+        copy.CopyFrom(s)
+        copy.sample_id += "-again"
+        more.append(copy)
+    publish(kafka_settings, held + more)
+    request = pb.trainer.GetRunRequest(run_id="late-held-out")
+    while not (run := (await stub.GetRun(request)).run).progress.last_eval.step:
+        assert asyncio.get_running_loop().time() < deadline, run.progress
+        await asyncio.sleep(0.2)
+    assert run.progress.last_eval.step == 7 and run.progress.last_eval.HasField("accuracy")
+    await stub.StopRun(pb.trainer.StopRunRequest(run_id="late-held-out"))

@@ -11,7 +11,18 @@ import pytest
 from services.common import pb
 from services.common.kafka import Received
 from services.common.models import load_tokenizer
-from services.trainer.buffer import REFERENCE, SAMPLE, OffsetTracker, Replay, ReplayBuffer, resume_state
+from services.tasks import parse_checker
+from services.trainer.buffer import (
+    GENERATED,
+    REFERENCE,
+    SAMPLE,
+    SCORED_REFERENCE,
+    SCORED_STUDENT,
+    OffsetTracker,
+    Replay,
+    ReplayBuffer,
+    resume_state,
+)
 from services.trainer.evalset import EvalSet
 from services.trainer.intake import Intake, validate_sample
 from services.trainer.recipes import with_defaults
@@ -55,12 +66,20 @@ def _record(offset: int, value: pb.common.TeacherSample | None, partition: int =
     return Received("samples", partition, offset, b"k", raw, {}, value=value, error=error)
 
 
-def _intake(tiny_teacher: Path, records: list[Received[Any]], verify: int, **kw: Any) -> tuple[Intake, DeadLetters]:
-    spec = with_defaults(pb.trainer.RunSpec(data=pb.trainer.DataFilter(verify=verify, incorrect_weight=0.25)))
+def _intake(
+    tiny_teacher: Path, records: list[Received[Any]], verify: int, step: int = 0, **kw: Any
+) -> tuple[Intake, DeadLetters]:
+    spec = with_defaults(
+        pb.trainer.RunSpec(run_id="run-a", checker="numeric",
+                           data=pb.trainer.DataFilter(verify=verify, incorrect_weight=0.25),
+                           on_policy=pb.trainer.OnPolicySpec(max_staleness_steps=10, drop_stale=kw.pop("drop", False)))
+    )  # fmt: skip
     dead = DeadLetters()
+    checker = parse_checker("numeric")
     intake = Intake(
         spec, ScriptedConsumer(records), dead, load_tokenizer(tiny_teacher),  # type: ignore[arg-type]
-        ReplayBuffer(64, 1), OffsetTracker(), EvalSet(8, 8, spec.task), **kw,
+        ReplayBuffer(64, 1), OffsetTracker(), EvalSet(8, 8, checker), checker=checker,
+        current_step=lambda: step, **kw,
     )  # fmt: skip
     return intake, dead
 
@@ -139,3 +158,55 @@ def test_validate_sample_rejects_inconsistent_top_k() -> None:
         validate_sample(bad)
     with pytest.raises(ValueError, match="sample_id"):
         validate_sample(pb.common.TeacherSample(prompt_token_ids=[1]))
+
+
+def _scored(sid: str, source: int, *, run: str = "", step: int = 0, text: str = "The answer is 9.") -> Any:
+    s = _sample(sid, text, prompt=f"p-{sid}")
+    s.source = source  # type: ignore[assignment]
+    s.student_run_id, s.student_step = run, step
+    return s
+
+
+def test_sources_and_verification_only_of_teacher_written_answers(tiny_teacher: Path) -> None:
+    """A scored reference or a scored student completion is never filtered by the checker (a wrong student answer
+    is exactly what on-policy distillation corrects); a teacher-written wrong answer is, with keep-correct."""
+    stream = [
+        _scored("g", pb.common.SAMPLE_SOURCE_GENERATED),
+        _scored("r", pb.common.SAMPLE_SOURCE_SCORED_REFERENCE),
+        _scored("s", pb.common.SAMPLE_SOURCE_SCORED_STUDENT, run="run-a", step=0),
+    ]
+    intake, _ = _intake(
+        tiny_teacher, [_record(i, s) for i, s in enumerate(stream)], pb.trainer.VERIFY_MODE_KEEP_CORRECT
+    )
+    intake.poll(0.0)
+    sources = sorted(it.source for it in intake.buffer.items())
+    assert sources == sorted([SCORED_REFERENCE, SCORED_STUDENT, REFERENCE])  # the wrong generated one is filtered
+    assert intake.stats.filtered == 1 and intake.stats.on_policy == 1
+    student = next(it for it in intake.buffer.items() if it.source == SCORED_STUDENT)
+    assert student.on_policy and student.student_step == 0
+    # Training prompts (not the student's completions) are remembered for on-policy sampling.
+    assert sorted(intake.pool) == ["p-g", "p-r"]
+
+
+def test_other_runs_and_stale_student_completions(tiny_teacher: Path) -> None:
+    stream = [
+        _scored("other", pb.common.SAMPLE_SOURCE_SCORED_STUDENT, run="run-b", step=50),
+        _scored("stale", pb.common.SAMPLE_SOURCE_SCORED_STUDENT, run="run-a", step=5),
+        _scored("fresh", pb.common.SAMPLE_SOURCE_SCORED_STUDENT, run="run-a", step=45),
+    ]
+    records = [_record(i, s) for i, s in enumerate(stream)]
+    kept, _ = _intake(tiny_teacher, list(records), pb.trainer.VERIFY_MODE_KEEP_ALL, step=50)
+    kept.poll(0.0)
+    assert sorted(it.offset for it in kept.buffer.items()) == [1, 2]  # stale counted, trained on
+    assert (kept.stats.on_policy, kept.stats.stale, kept.stats.stale_dropped, kept.stats.filtered) == (2, 1, 0, 1)
+    dropped, _ = _intake(tiny_teacher, list(records), pb.trainer.VERIFY_MODE_KEEP_ALL, step=50, drop=True)
+    dropped.poll(0.0)
+    assert [it.offset for it in dropped.buffer.items()] == [2]
+    assert (dropped.stats.stale, dropped.stats.stale_dropped) == (1, 1)
+    assert dropped.tracker.safe_offsets() == {0: 2}  # dropped records are done, nothing waits on them
+    assert GENERATED not in {it.source for it in dropped.buffer.items()}
+
+
+def test_a_student_completion_without_its_run_is_refused() -> None:
+    with pytest.raises(ValueError, match="student_run_id"):
+        validate_sample(_scored("x", pb.common.SAMPLE_SOURCE_SCORED_STUDENT))

@@ -106,18 +106,35 @@ def test_weighted_mix_of_every_term() -> None:
     w = L.LossWeights(
         forward_kl=1.0, reverse_kl=0.5, jsd=2.0, skew_kl=0.25, cross_entropy=0.1, reference_ce=3.0, jsd_beta=0.5
     )
-    total, parts = L.distillation_loss(w, _inputs(3, 2))
+    total, parts, per_position = L.distillation_loss(w, _inputs(3, 2))
     assert parts == pytest.approx(
         {"forward_kl": FORWARD, "reverse_kl": REVERSE, "jsd": JSD, "skew_kl": SKEW, "cross_entropy": LN(4),
          "reference_ce": LN(4)}, abs=1e-6,
     )  # fmt: skip
     expected = FORWARD + 0.5 * REVERSE + 2 * JSD + 0.25 * SKEW + 0.1 * LN(4) + 3 * LN(4)
     assert total.item() == pytest.approx(expected, abs=1e-5)
+    # Per position: the teacher rows carry every teacher term, the reference rows the reference term.
+    teacher_row = FORWARD + 0.5 * REVERSE + 2 * JSD + 0.25 * SKEW + 0.1 * LN(4)
+    assert per_position.tolist() == pytest.approx([teacher_row] * 3 + [3 * LN(4)] * 2, abs=1e-5)
+
+
+def test_on_policy_rows_take_their_own_loss() -> None:
+    """Scored student completions are weighed by the on-policy mix (reverse KL), apart from the other samples."""
+    x = _inputs(3, 0)
+    on = _inputs(2, 0)
+    x.o_logits, x.o_top_ids, x.o_top_logprobs = on.t_logits, on.top_ids, on.top_logprobs
+    x.o_top_valid, x.o_weights = on.top_valid, on.t_weights
+    total, parts, per_position = L.distillation_loss(
+        L.LossWeights(forward_kl=1.0), x, on_policy=L.LossWeights(forward_kl=0.0, reverse_kl=2.0)
+    )
+    assert parts == pytest.approx({"forward_kl": FORWARD, "on_policy_reverse_kl": REVERSE}, abs=1e-6)
+    assert total.item() == pytest.approx(FORWARD + 2 * REVERSE, abs=1e-5)
+    assert per_position.tolist() == pytest.approx([FORWARD] * 3 + [2 * REVERSE] * 2, abs=1e-5)
 
 
 def test_all_masked_batch_is_zero_with_zero_gradients() -> None:
     x = _inputs(0, 0)
-    total, parts = L.distillation_loss(L.LossWeights(reverse_kl=1.0, cross_entropy=1.0, reference_ce=1.0), x)
+    total, parts, _ = L.distillation_loss(L.LossWeights(reverse_kl=1.0, cross_entropy=1.0, reference_ce=1.0), x)
     assert total.item() == 0.0 and parts == {}
     total.backward()
     assert x.t_logits.grad is not None and x.t_logits.grad.numel() == 0
