@@ -82,5 +82,14 @@ bench: setup
 	$(VENV)/bin/distillery bench serving --json
 	$(VENV)/bin/distillery bench swap --json
 
+# The trainer's CUDA path on a GPU machine (prune, distil, checkpoint; one JSON line). It needs only torch,
+# transformers, safetensors and numpy, so it runs without the venv there: `PYTHONPATH=. python3 scripts/gpu_check.py`.
+# Exit code 3 without CUDA; GPU_CHECK_ARGS="--device cpu" runs the whole check on the CPU.
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	@if [ -x $(PY) ]; then PYTHONPATH=. $(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS); \
+	else PYTHONPATH=. python3 scripts/gpu_check.py $(GPU_CHECK_ARGS); fi
+
 clean:
 	rm -rf $(VENV) .distillery .pytest_cache .mypy_cache .ruff_cache

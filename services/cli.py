@@ -10,6 +10,7 @@ import typer
 from services.common.cli import broker_app, models_app
 from services.demo import cli as demo_cli
 from services.serving import cli as serving_cli
+from services.tasks import cli as tasks_cli
 from services.teacher import cli as teacher_cli
 from services.trainer import cli as trainer_cli
 
@@ -27,6 +28,8 @@ app.add_typer(teacher_cli.app, name="teacher")
 app.add_typer(trainer_cli.app, name="trainer")
 app.add_typer(serving_cli.app, name="serving")
 app.add_typer(bench_app, name="bench")
+app.add_typer(tasks_cli.app, name="tasks")
+app.command("distil")(demo_cli.distil)
 app.command("demo")(demo_cli.demo)
 app.command("loadtest")(serving_cli.loadtest)
 bench_app.command("teacher")(teacher_cli.bench)

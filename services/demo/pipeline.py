@@ -1,9 +1,12 @@
-"""`distillery demo`: the whole pipeline on embedded defaults, phase by phase, with a report at the end.
+"""One distillation job end to end, phase by phase, with a report: `distillery distil` (and `distillery demo`, which
+is the same job on a built-in use case).
 
-    broker → teacher model → teacher, trainer, serving processes → prompts → distillation run with client load
-    on serving (hot-swaps as students are promoted) → teacher vs student speed through serving → report
+    broker → teacher model → teacher, trainer, serving processes → distillation run: prompts fed just ahead of the
+    teacher (a first share of the training prompts, the held-out ones in every phrasing, the rest), client load on
+    serving (hot-swaps as students are promoted) → teacher vs student speed through serving → report
 
-Everything the demo starts (broker, three service processes) is stopped at the end, on Ctrl-C and on failure.
+Everything the pipeline starts (broker, three service processes) is stopped at the end, on Ctrl-C, SIGTERM and on
+failure.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,80 +26,40 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from services.common import broker, pb
-from services.common.models import DEFAULT_TEACHER, parameter_count, prepare_default_teacher
+from services.common.models import DEFAULT_TEACHER, prepare_default_teacher
 from services.common.process import ProcessGroup, ServiceFailed, ServiceProcess
 from services.common.registry import Registry
 from services.common.settings import KafkaSettings
-from services.demo.profiles import Profile
+from services.demo.feeder import Feeder
+from services.demo.job import Job
+from services.demo.plan import Plan, make_plan
 from services.demo.report import DemoResult, write_report
 from services.demo.scrape import scrape
-from services.tasks import Problem, get_task
+from services.demo.watch import RunWatch, watch_run
 
-#: The teacher's counter of samples the broker acknowledged (services/teacher/metrics.py), read from its /metrics.
-SAMPLES_PUBLISHED = "distillery_teacher_samples_published_total"
-TERMINAL = {pb.trainer.RUN_STATE_SUCCEEDED, pb.trainer.RUN_STATE_FAILED, pb.trainer.RUN_STATE_STOPPED}
+#: The teacher's prompts-topic lag (services/teacher/metrics.py), read from its /metrics.
+PROMPT_LAG = "distillery_teacher_prompt_lag_records"
 
 
 class DemoFailed(RuntimeError):
     pass
 
 
-@dataclass
-class RunWatch:
-    """The trainer run as seen through WatchRun (updated by a background thread)."""
+class Pipeline:
+    """One job in `run_dir`; `run()` returns the summary dict."""
 
-    progress: pb.trainer.RunProgress | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    evals: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-def _eval_dict(e: pb.trainer.EvalMetrics) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": e.step, "eval_prompts": e.eval_prompts}
-    for name in ("accuracy", "teacher_accuracy", "kl", "top1_agreement", "perplexity"):
-        out[name] = getattr(e, name) if e.HasField(name) else None
-    return out
-
-
-def watch_run(address: str, run_id: str, watch: RunWatch) -> None:
-    """Follows WatchRun until the run ends (reconnecting if the stream drops)."""
-    seen_steps: set[int] = set()
-    seen_evals: set[int] = set()
-    while not watch.done.is_set():
-        try:
-            with grpc.insecure_channel(address) as channel:
-                stub = pb.trainer_grpc.TrainerServiceStub(channel)
-                for response in stub.WatchRun(pb.trainer.WatchRunRequest(run_id=run_id)):
-                    p = response.progress
-                    watch.progress = p
-                    if p.step and p.step not in seen_steps:
-                        seen_steps.add(p.step)
-                        watch.history.append({"step": p.step, "loss": p.loss, **dict(p.loss_components),
-                                              "tokens_per_s": p.tokens_per_s, "lag": p.lag})  # fmt: skip
-                    if p.HasField("last_eval") and p.last_eval.step not in seen_evals:
-                        seen_evals.add(p.last_eval.step)
-                        watch.evals.append(_eval_dict(p.last_eval))
-                    if p.state in TERMINAL:
-                        watch.done.set()
-                        return
-        except grpc.RpcError as exc:
-            watch.error = f"WatchRun: {exc.code().name}: {exc.details()}"
-            time.sleep(1.0)
-
-
-class Demo:
-    """One demo run in `run_dir`; `run()` returns the summary dict."""
-
-    def __init__(self, profile: Profile, home: Path, run_dir: Path, console: Console, price_per_hour: float) -> None:
-        self.profile = profile
+    def __init__(self, job: Job, home: Path, run_dir: Path, console: Console, price_per_hour: float) -> None:
+        self.job = job
+        self.profile = job.profile
         self.home = home
         self.run_dir = run_dir
         self.console = console
         self.group = ProcessGroup()
-        self.result = DemoResult(profile=profile.name, teacher_model="", machine_price_per_hour=price_per_hour)
-        self.task = get_task("math_word_problems")
+        self.result = DemoResult(profile=job.profile.name, teacher_model="", machine_price_per_hour=price_per_hour,
+                                 recipe=job.recipe.name, use_case=job.name, checker=job.checker,
+                                 held_out=job.held_out)  # fmt: skip
         self.registry = Registry(run_dir / "registry")
+        self.plan: Plan = make_plan(job)
         self._started_broker = False
         self._t0 = time.monotonic()
 
@@ -120,13 +82,17 @@ class Demo:
         return state.bootstrap
 
     def teacher_dir(self) -> Path:
-        if self.profile.teacher == "default":
+        if self.job.teacher == "default":
             self.result.teacher_model = DEFAULT_TEACHER
             return prepare_default_teacher(self.home / "models")
-        from services.common.tiny import build_llama
+        if self.job.teacher == "tiny":
+            from services.common.tiny import build_llama
 
-        self.result.teacher_model = "tiny random Llama (smoke profile)"
-        return build_llama(self.run_dir / "tiny-teacher", hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1)
+            self.result.teacher_model = "tiny random Llama (smoke runs)"
+            return build_llama(self.run_dir / "tiny-teacher", hidden_size=128, num_layers=2, num_heads=2,
+                               num_kv_heads=1)  # fmt: skip
+        self.result.teacher_model = str(Path(self.job.teacher).resolve())
+        return Path(self.job.teacher).resolve()
 
     def start_services(self, bootstrap: str, teacher_dir: Path) -> dict[str, ServiceProcess]:
         p = self.profile
@@ -144,21 +110,26 @@ class Demo:
             "TRANSFORMERS_OFFLINE": "1",
             "VLLM_HOST_IP": "127.0.0.1",
         }
+        trainer: dict[str, str] = {
+            "DISTILLERY_TRAINER_TEACHER_MODEL": str(teacher_dir),
+            "DISTILLERY_TRAINER_TORCH_THREADS": str(p.trainer_threads),
+            "DISTILLERY_TRAINER_BATCH_WAIT_S": str(p.batch_wait_s),
+            "DISTILLERY_TRAINER_CPU_BIND": cores["trainer"],
+            # The run's python: checker, and only it, may be imported by the trainer.
+            "DISTILLERY_TRAINER_CHECKER_MODULES": json.dumps(self.job.checker_modules),
+        }
+        if self.job.python_path:
+            trainer["PYTHONPATH"] = os.pathsep.join([*self.job.python_path, os.environ.get("PYTHONPATH", "")])
         env: dict[str, dict[str, str]] = {
             "teacher": {
                 "DISTILLERY_TEACHER_MODEL": str(teacher_dir),
                 "DISTILLERY_TEACHER_VLLM__ENFORCE_EAGER": str(p.enforce_eager).lower(),
                 "DISTILLERY_TEACHER_VLLM__KV_CACHE_GIB": str(p.kv_cache_gib),
                 "DISTILLERY_TEACHER_VLLM__MAX_MODEL_LEN": "1024",
-                "DISTILLERY_TEACHER_MAX_N": str(max(p.samples_per_prompt, 1)),
+                "DISTILLERY_TEACHER_MAX_N": str(max(self.job.recipe.samples_per_prompt, 1)),
                 "DISTILLERY_TEACHER_VLLM__CPU_BIND": cores["teacher"],
             },
-            "trainer": {
-                "DISTILLERY_TRAINER_TEACHER_MODEL": str(teacher_dir),
-                "DISTILLERY_TRAINER_TORCH_THREADS": str(p.trainer_threads),
-                "DISTILLERY_TRAINER_BATCH_WAIT_S": str(p.batch_wait_s),
-                "DISTILLERY_TRAINER_CPU_BIND": cores["trainer"],
-            },
+            "trainer": trainer,
             "serving": {
                 "DISTILLERY_SERVING_INITIAL_MODEL": str(teacher_dir),
                 "DISTILLERY_SERVING_VLLM__ENFORCE_EAGER": str(p.enforce_eager or p.serving_enforce_eager).lower(),
@@ -171,7 +142,7 @@ class Demo:
         for name in ("teacher", "trainer", "serving"):
             prefix = f"DISTILLERY_{name.upper()}_"
             # Service state (the trainer's run files and work folders) lives in the run folder: a run interrupted in
-            # an earlier demo must not resume in this one.
+            # an earlier job must not resume in this one.
             service_env = {**common, **env[name], f"{prefix}HOME": str(self.run_dir),
                            f"{prefix}REGISTRY_DIR": str(self.registry.root),
                            f"{prefix}MODELS_DIR": str(self.home / "models"), f"{prefix}LOG_FORMAT": "json"}  # fmt: skip
@@ -184,91 +155,59 @@ class Demo:
             self.console.log(f"{name} SERVING on {proc.address} (metrics {proc.metrics_url}, log {proc.log_path})")
         return procs
 
-    def problems(self) -> tuple[list[Problem], list[Problem]]:
-        p = self.profile
-        train = self.task.generate(p.train_prompts + p.scored_prompts, seed=p.seed, split="train",
-                                   difficulty=p.difficulty)  # fmt: skip
-        held_out = self.task.generate(p.eval_prompts, seed=p.seed + 1, split="eval", difficulty=p.difficulty)
-        return train, held_out
+    def record_plan(self) -> None:
+        r, plan = self.result, self.plan
+        r.eval_prompts, r.train_prompts = plan.eval_prompts, plan.generated_prompts
+        r.scored_prompts = plan.scored_prompts
+        r.prompt_variants = plan.variants
+        r.dataset = {"train_lines": len(self.job.train), "eval_lines": len(self.job.eval),
+                     "eval_used": plan.eval_prompts, "train_generated": plan.generated_prompts,
+                     "train_scored": plan.scored_prompts, "train_unused": plan.unused_train}  # fmt: skip
 
-    def publish(self, bootstrap: str, train: list[Problem], held_out: list[Problem], teacher: ServiceProcess) -> None:
-        from services.teacher.prompts import problem_record, publish
-
-        p = self.profile
-        sampling_train = pb.common.SamplingParams(
-            temperature=p.temperature, n=p.samples_per_prompt, max_tokens=p.max_tokens, logprobs=p.top_k
-        )
-        # Held-out prompts: greedy, one answer, so the teacher's accuracy is measured the way the student's is.
-        sampling_eval = pb.common.SamplingParams(temperature=0.0, n=1, max_tokens=p.max_tokens, logprobs=p.top_k)
-        sampling_scored = pb.common.SamplingParams(logprobs=p.top_k)
-
-        def record(problem: Problem, sampling: pb.common.SamplingParams, scored: bool = False) -> Any:
-            out = problem_record(problem, self.task.name, sampling)
-            # The worked solution ("3 + 5 = 8. The answer is 8.") is the reference: the checker reads its final
-            # number, and scored prompts make it the completion the teacher scores.
-            out.reference_answer = problem.solution
-            out.score_reference = scored
-            return out
-
-        generated = [record(problem, sampling_train) for problem in train[: p.train_prompts]]
-        scored = [record(problem, sampling_scored, scored=True) for problem in train[p.train_prompts :]]
-        # The generated prompts are spread evenly among the scored ones, so the trainer sees both kinds from the start.
-        every = max(1, -(-(len(generated) + len(scored)) // max(1, len(generated))))
-        mixed: list[pb.common.PromptRecord] = []
-        for i, scored_record in enumerate(scored):
-            if i % every == 0 and generated:
-                mixed.append(generated.pop(0))
-            mixed.append(scored_record)
-        # The held-out prompts go first, and the training ones only once the teacher has answered them all: the trainer
-        # evaluates once it has every held-out answer, and with scored prompts in the same batches the teacher's greedy
-        # answers trickled out over its next 2,000 samples (measured: no evaluation before step 500 of 640).
-        kafka = KafkaSettings(bootstrap=bootstrap)
-        publish(kafka, [record(problem, sampling_eval) for problem in held_out])
-        self.wait_for_samples(teacher, len(held_out))
-        publish(kafka, mixed + generated)
-        self.result.scored_prompts = len(scored)
-        self.result.train_prompts, self.result.eval_prompts = p.train_prompts, len(held_out)
-
-    def wait_for_samples(self, teacher: ServiceProcess, count: int, timeout_s: float = 600.0) -> None:
-        """Polls the teacher's metrics until it has published `count` samples (or the timeout, noted in the report)."""
-        deadline = time.monotonic() + timeout_s
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=self.console) as bars:  # fmt: skip
-            task = bars.add_task("teacher answers the held-out problems", total=count)
-            while True:
-                self.group.check_alive()
-                published = scrape(teacher.metrics_url).get(SAMPLES_PUBLISHED, 0.0)
-                bars.update(task, completed=min(published, count))
-                if published >= count:
-                    return
-                if time.monotonic() > deadline:
-                    self.result.notes.append(f"the teacher had answered {published:.0f} of {count} held-out problems "
-                                             f"after {timeout_s:.0f}s; training prompts published anyway")  # fmt: skip
-                    return
-                time.sleep(0.5)
+    def feed_order(self) -> list[pb.common.PromptRecord]:
+        """Every prompt record in the order the teacher gets them: a first share of the training prompts, then the
+        held-out ones in every phrasing, then the rest. The trainer starts on the first share while the teacher
+        answers the held-out prompts (on a 2-core AVX2 machine 200 prompts in 2 phrasings took 274 s, with the
+        trainer waiting); its first evaluation waits until every held-out answer is in."""
+        head = self.profile.feed_head
+        train = self.plan.train_records
+        return [*train[:head], *self.plan.eval_records, *train[head:]]
 
     def run_spec(self) -> pb.trainer.RunSpec:
         from services.trainer.recipes import default_run_spec
 
-        p = self.profile
-        spec = default_run_spec(task=self.task.name, run_id=f"demo-{p.name}-{int(time.time())}",
-                                student=p.student, max_steps=p.max_steps)  # fmt: skip
+        p, job = self.profile, self.job
+        spec = default_run_spec(task=job.name, run_id=f"{job.recipe.name}-{p.name}-{int(time.time())}",
+                                max_steps=p.max_steps)  # fmt: skip
+        student = job.student or p.student
+        if student is None:
+            spec.ClearField("student")  # the trainer's default student for this teacher
+        else:
+            spec.student.CopyFrom(student)
+        spec.checker = job.checker
         spec.schedule.batch_size = p.batch_size
         spec.schedule.eval_every_steps = p.eval_every_steps
         spec.schedule.learning_rate = p.learning_rate
         spec.schedule.sample_reuse = p.sample_reuse
-        spec.eval.max_prompts = p.eval_prompts
+        spec.eval.max_prompts = self.plan.eval_prompts
         spec.eval.max_new_tokens = p.eval_max_new_tokens
-        spec.eval.min_eval_samples = p.eval_prompts
+        spec.eval.min_eval_samples = len(self.plan.eval_records)  # every held-out answer, in every phrasing
         spec.gate.CopyFrom(p.gate)
-        spec.data.verify = p.verify
-        if p.loss is not None:
-            spec.loss.CopyFrom(p.loss)
+        if job.gate_metric:
+            spec.gate.metric = job.gate_metric
+        if job.gate_min_score is not None:
+            spec.gate.min_score = job.gate_min_score
+        verify = job.recipe.verify_correct and bool(job.checker)
+        spec.data.verify = pb.trainer.VERIFY_MODE_KEEP_CORRECT if verify else pb.trainer.VERIFY_MODE_KEEP_ALL
+        spec.loss.CopyFrom(job.recipe.loss)
+        spec.on_policy.MergeFrom(p.on_policy)
+        fraction = job.on_policy_fraction if job.on_policy_fraction is not None else job.recipe.on_policy_fraction
+        spec.on_policy.fraction = fraction
         spec.seed = p.seed
         return spec
 
     # -- the run --------------------------------------------------------------------------------------------------
-    def distil(self, procs: dict[str, ServiceProcess], held_out: list[Problem]) -> RunWatch:
+    def distil(self, procs: dict[str, ServiceProcess], bootstrap: str) -> RunWatch:
         from services.demo.load import ClientLoad
 
         p = self.profile
@@ -276,37 +215,37 @@ class Demo:
         with grpc.insecure_channel(procs["trainer"].address) as channel:
             stub = pb.trainer_grpc.TrainerServiceStub(channel)
             run = stub.StartRun(pb.trainer.StartRunRequest(spec=spec), timeout=120).run
-        run_id = run.spec.run_id
-        self.result.student_recipe = _describe(spec.student)
+        self.run_id = run_id = run.spec.run_id
+        self.result.student_recipe = _describe(run.spec.student)
+        self.result.on_policy_fraction = run.spec.on_policy.fraction
         watch = RunWatch()
         watcher = threading.Thread(target=watch_run, args=(procs["trainer"].address, run_id, watch), daemon=True)
         watcher.start()
-        prompts = [self.task.messages(problem) for problem in held_out]
-        load = ClientLoad(procs["serving"].address, prompts, p.load_streams, p.load_max_tokens, p.load_think_s,
-                          p.load_temperature)  # fmt: skip
+        teacher_metrics = procs["teacher"].metrics_url
+        records = self.feed_order()
+        feeder = Feeder(KafkaSettings(bootstrap=bootstrap), records,
+                        lambda: scrape(teacher_metrics).get(PROMPT_LAG), p.feed_backlog)  # fmt: skip
+        feeder.start()
+        prompts = [e.content.chat() for e in self.job.eval[: p.eval_prompts] if e.content.messages]
+        load = ClientLoad(procs["serving"].address, prompts or [[{"role": "user", "content": "Hello"}]],
+                          p.load_streams, p.load_max_tokens, p.load_think_s, p.load_temperature)  # fmt: skip
         load.start()
-        expected_samples = p.train_prompts * p.samples_per_prompt + p.scored_prompts + p.eval_prompts
         deadline = time.monotonic() + p.time_budget_s
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn())  # fmt: skip
         try:
             with Progress(*columns, console=self.console) as bars:
-                samples_bar = bars.add_task("teacher samples", total=expected_samples, info="")
+                feed_bar = bars.add_task("prompts sent to the teacher", total=len(records), info="")
                 steps_bar = bars.add_task("training steps", total=p.max_steps, info="")
                 load_bar = bars.add_task("client streams", total=None, info="")
                 while not watch.done.wait(1.0):
                     self.group.check_alive()
-                    teacher = scrape(procs["teacher"].metrics_url)
-                    published = teacher.get(SAMPLES_PUBLISHED, 0.0)
-                    bars.update(samples_bar, completed=min(published, expected_samples))
+                    if feeder.error is not None:
+                        raise DemoFailed(f"publishing training prompts failed: {feeder.error}")
+                    bars.update(feed_bar, completed=feeder.published)
                     prog = watch.progress
                     if prog is not None:
-                        last = watch.evals[-1] if watch.evals else {}
-                        acc = last.get("accuracy")
-                        info = f"loss {prog.loss:.3f}  {prog.tokens_per_s:.0f} tok/s"
-                        if acc is not None:
-                            info += f"  held-out acc {acc:.2f} (teacher {last.get('teacher_accuracy') or 0:.2f})"
-                        bars.update(steps_bar, completed=prog.step, info=info)
+                        bars.update(steps_bar, completed=prog.step, info=_progress_info(prog, watch))
                     stats = load.stats()
                     bars.update(load_bar, completed=stats.finished,
                                 info=f"failed {stats.failed}  versions {sorted(stats.versions)}")  # fmt: skip
@@ -322,7 +261,9 @@ class Demo:
                         break
             self.wait_for_last_promotion(procs["serving"].address)
         finally:
+            feeder.stop()
             load.stop()
+        self.result.prompts_sent = feeder.published
         results = load.results()
         self.result.streams = len(results)
         self.result.failed_requests = sum(1 for r in results if not r.ok)
@@ -348,29 +289,11 @@ class Demo:
         self.result.notes.append(f"serving did not reach version {promoted.version} within {timeout_s:.0f}s")
 
     def collect(self, procs: dict[str, ServiceProcess], watch: RunWatch, teacher_dir: Path) -> None:
-        r = self.result
-        r.history, r.evals = watch.history, watch.evals
-        r.teacher_params = parameter_count(teacher_dir)
-        serving = scrape(procs["serving"].metrics_url)
-        r.swaps = int(serving.get('distillery_serving_swaps_total{result="ok"}', 0))
-        teacher = scrape(procs["teacher"].metrics_url)
-        r.teacher_samples = int(teacher.get(SAMPLES_PUBLISHED, 0))
-        teacher_accs = [e["teacher_accuracy"] for e in r.evals if e.get("teacher_accuracy") is not None]
-        r.teacher_accuracy = teacher_accs[-1] if teacher_accs else None
-        for ckpt in self.registry.checkpoints():
-            promoted = self.registry.is_promoted(ckpt.version)
-            r.checkpoints.append({"version": ckpt.version, "step": ckpt.manifest.step, "promoted": promoted,
-                                  **ckpt.manifest.metrics})  # fmt: skip
-        served = self.registry.latest_promoted()
-        chosen = served or self.registry.latest()
-        if chosen is not None:
-            r.student_params = chosen.manifest.parameter_count
-            r.student_accuracy = chosen.manifest.metrics.get("accuracy")
-            if served is None:
-                r.notes.append("student figures are from the last checkpoint (none was promoted)")
-        r.served_versions = sorted({int(v) for v in r.served_versions} | set(self.registry.promoted_versions()))
+        from services.demo.collect import collect
 
-    def measure_speed(self, procs: dict[str, ServiceProcess], teacher_dir: Path) -> None:
+        collect(self.result, self.registry, procs, watch, teacher_dir, self.run_id)
+
+    def measure_speed(self, teacher_dir: Path) -> None:
         """Teacher vs student through the serving service, with the rest of the pipeline stopped."""
         from services.demo.speed import compare
 
@@ -379,7 +302,8 @@ class Demo:
             self.result.notes.append("no student checkpoint: speed not measured")
             return
         self.group.stop_all()  # the measurement gets the machine to itself
-        bench = compare(self.result, self.run_dir, student.path, teacher_dir, self.profile)
+        chats = [e.content.chat() for e in self.job.eval[: self.profile.eval_prompts] if e.content.messages]
+        bench = compare(self.result, self.run_dir, student.path, teacher_dir, self.profile, chats)
         (self.run_dir / "speed.json").write_text(json.dumps(bench, indent=2))
 
     def run(self) -> dict[str, Any]:
@@ -390,15 +314,13 @@ class Demo:
                 teacher_dir = self.teacher_dir()
             with self.phase("services", "starting teacher, trainer and serving (vLLM engines take a while)"):
                 procs = self.start_services(bootstrap, teacher_dir)
-            with self.phase("prompts", "publishing prompts (the teacher answers the held-out ones first)"):
-                train, held_out = self.problems()
-                self.publish(bootstrap, train, held_out, procs["teacher"])
+            self.record_plan()
             start = time.monotonic()
-            watch = self.distil(procs, held_out)
+            watch = self.distil(procs, bootstrap)
             self.result.phases["distil"] = time.monotonic() - start
             self.collect(procs, watch, teacher_dir)
             with self.phase("speed", "measuring teacher vs student through serving (fresh processes, one at a time)"):
-                self.measure_speed(procs, teacher_dir)
+                self.measure_speed(teacher_dir)
         finally:
             self.shutdown()
         self.result.wall_s = time.monotonic() - self._t0
@@ -412,13 +334,27 @@ class Demo:
             broker.stop(self.run_dir)
 
 
+def _progress_info(prog: pb.trainer.RunProgress, watch: RunWatch) -> str:
+    info = f"loss {prog.loss:.3f}  {prog.tokens_per_s:.0f} tok/s"
+    if prog.on_policy_requested:
+        info += f"  on-policy {prog.on_policy_received}/{prog.on_policy_requested}"
+    last = watch.evals[-1] if watch.evals else {}
+    if last.get("gate_score") is not None:
+        info += f"  held-out {last['gate_metric']} {last['gate_score']:.2f}"
+        if last.get("teacher_accuracy_best_prompt") is not None and last["gate_metric"] == "accuracy":
+            info += f" (teacher {last['teacher_accuracy_best_prompt']:.2f})"
+    return info
+
+
 def core_layout(cpus: list[int]) -> dict[str, str]:
     """Cores for each service of the pipeline (`cpu_bind` values; "" leaves the trainer unpinned).
 
-    On 2 cores the teacher gets one to itself and the trainer shares the other with serving. Measured on 2 cores:
-    with the trainer floating it trained at ≈60% of its speed alone; with the two engines sharing a core instead,
-    the teacher published ≈2 samples/s and starved the trainer. From 3 cores each engine gets one and the trainer
-    the rest."""
+    On 2 cores the teacher gets one to itself and the trainer shares the other with serving. Serving goes with the
+    trainer, not with the teacher, whatever the recipe: measured on a 2-core AVX2 machine with serving beside the
+    teacher, 315 of 412 client streams fell below 238 wpm (the teacher model, served until the first promotion, and
+    the teacher's own work on one core), while the trainer beside serving trained at ≈half its speed alone (56 vs
+    ≈114 target tokens/s): readers come first. On an AVX512 machine, with the trainer floating it trained at ≈60% of
+    its speed alone. From 3 cores each engine gets one and the trainer the rest."""
     if len(cpus) >= 3:
         return {"teacher": str(cpus[-1]), "serving": str(cpus[-2]), "trainer": ",".join(map(str, cpus[:-2]))}
     if len(cpus) == 2:
@@ -432,11 +368,15 @@ def _describe(recipe: pb.trainer.StudentRecipe) -> str:
         p = recipe.pruned
         return (f"pruned from the teacher: {p.num_layers} layers, hidden {p.hidden_size}, MLP {p.intermediate_size}, "
                 f"{p.num_attention_heads}/{p.num_key_value_heads} heads")  # fmt: skip
+    if source == "config":
+        c = recipe.config
+        return (f"a fresh model of the teacher's family: {c.num_layers} layers, hidden {c.hidden_size}, "
+                f"MLP {c.intermediate_size}, {c.num_attention_heads}/{c.num_key_value_heads} heads")  # fmt: skip
     return str(source)
 
 
 def install_sigterm_as_interrupt() -> None:
-    """SIGTERM stops the demo the way Ctrl-C does: the `finally` blocks stop every process it started."""
+    """SIGTERM stops the pipeline the way Ctrl-C does: the `finally` blocks stop every process it started."""
 
     def _raise(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -444,4 +384,4 @@ def install_sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, _raise)
 
 
-__all__ = ["Demo", "DemoFailed", "ServiceFailed", "install_sigterm_as_interrupt"]
+__all__ = ["DemoFailed", "Pipeline", "ServiceFailed", "install_sigterm_as_interrupt"]

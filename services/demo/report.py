@@ -1,7 +1,9 @@
-"""The demo's report: a JSON summary, a Markdown page and PNG plots in the run folder.
+"""A distillation job's report: a JSON summary, a Markdown page and PNG plots in the run folder.
 
 Figures come from measurements made during the run; the cost per million tokens is an *estimate* from measured
-throughput and a machine price per hour that the user sets.
+throughput and a machine price per hour that the user sets. The quality figure says where the student's training
+signal came from (`signal_share`: trained tokens per source) and how the held-out split was made; with a checker
+the student is compared with the teacher at the teacher's best phrasing of the held-out prompts.
 """
 
 from __future__ import annotations
@@ -26,9 +28,28 @@ class DemoResult:
 
     profile: str
     teacher_model: str
+    recipe: str = ""
+    use_case: str = ""
+    checker: str = ""
+    held_out: str = ""
     student_recipe: str = ""
+    gate_metric: str = ""
     teacher_accuracy: float | None = None
+    teacher_accuracy_best_prompt: float | None = None
+    teacher_accuracy_by_variant: dict[str, float] = field(default_factory=dict)
     student_accuracy: float | None = None
+    student_agreement: float | None = None
+    student_kl: float | None = None
+    student_top1: float | None = None
+    student_step: int = 0
+    promotions: int = 0
+    tokens_by_source: dict[str, int] = field(default_factory=dict)
+    loss_by_source: dict[str, float] = field(default_factory=dict)
+    on_policy: dict[str, int] = field(default_factory=dict)
+    on_policy_fraction: float = 0.0
+    prompt_variants: list[str] = field(default_factory=list)
+    dataset: dict[str, int] = field(default_factory=dict)
+    prompts_sent: int = 0
     teacher_params: int = 0
     student_params: int = 0
     teacher_tokens_per_s: float | None = None
@@ -67,19 +88,58 @@ def _cost_per_million(price_per_hour: float, tokens_per_s: float | None) -> floa
     return price_per_hour / (tokens_per_s * 3600) * 1e6
 
 
+def signal_share(tokens_by_source: dict[str, int]) -> dict[str, float]:
+    """Fraction of trained target tokens per signal source (generated, scored_reference, scored_student,
+    reference); every source is listed, 0 when unused."""
+    from services.trainer.buffer import SOURCES
+
+    total = sum(tokens_by_source.values())
+    return {s: round(tokens_by_source.get(s, 0) / total, 4) if total else 0.0 for s in SOURCES}
+
+
+def scores(result: DemoResult) -> tuple[str, float | None, float | None]:
+    """(metric, teacher score, student score): accuracy against the teacher's best phrasing with a checker,
+    agreement with the teacher's answers (the teacher's own is 1 by definition) without."""
+    if result.checker:
+        return "accuracy", result.teacher_accuracy_best_prompt, result.student_accuracy
+    return "teacher_agreement", 1.0, result.student_agreement
+
+
 def summary(result: DemoResult) -> dict[str, Any]:
-    """The JSON summary `distillery demo --json` prints last."""
-    accuracy_ratio = _ratio(result.student_accuracy, result.teacher_accuracy)
+    """The JSON summary `distillery distil --json` (and `demo --json`) prints last."""
+    metric, teacher_score, student_score = scores(result)
+    accuracy_ratio = _ratio(result.student_accuracy, result.teacher_accuracy_best_prompt)
     size_ratio = _ratio(result.teacher_params, result.student_params)
     speed_ratio = _ratio(result.student_tokens_per_s, result.teacher_tokens_per_s)
     below = [w for w in result.stream_wpm if w < READING_TARGET_WPM]
     out: dict[str, Any] = {
         "profile": result.profile,
+        "recipe": result.recipe,
+        "use_case": result.use_case,
+        "checker": result.checker or None,
+        "held_out": result.held_out,
         "teacher_model": result.teacher_model,
         "student_recipe": result.student_recipe,
+        "metric": metric,
+        "teacher_score": teacher_score,
+        "student_score": student_score,
+        "score_ratio": _ratio(student_score, teacher_score),
+        "gate_metric": result.gate_metric,
         "teacher_accuracy": result.teacher_accuracy,
+        "teacher_accuracy_best_prompt": result.teacher_accuracy_best_prompt,
+        "teacher_accuracy_by_variant": result.teacher_accuracy_by_variant,
         "student_accuracy": result.student_accuracy,
         "accuracy_ratio": accuracy_ratio,
+        "student_teacher_agreement": result.student_agreement,
+        "student_kl": result.student_kl,
+        "student_top1_agreement": result.student_top1,
+        "student_step": result.student_step,
+        "signal_share": signal_share(result.tokens_by_source),
+        "tokens_by_source": result.tokens_by_source,
+        "loss_by_source": result.loss_by_source,
+        "on_policy_fraction": result.on_policy_fraction,
+        "on_policy": result.on_policy,
+        "promotions": result.promotions,
         "teacher_params": result.teacher_params,
         "student_params": result.student_params,
         "size_ratio": size_ratio,
@@ -100,6 +160,9 @@ def summary(result: DemoResult) -> dict[str, Any]:
         "train_prompts": result.train_prompts,
         "scored_prompts": result.scored_prompts,
         "eval_prompts": result.eval_prompts,
+        "prompt_variants": result.prompt_variants,
+        "dataset": result.dataset,
+        "prompts_sent": result.prompts_sent,
         "cost_estimate": {
             "label": "estimate: machine price per hour / measured tokens per second",
             "machine_price_per_hour_usd": result.machine_price_per_hour,
@@ -111,8 +174,11 @@ def summary(result: DemoResult) -> dict[str, Any]:
             ),
         },
         "goals": {
+            "score_ratio_ge_0.968": None
+            if student_score is None or not teacher_score
+            else student_score / teacher_score >= GOAL_ACCURACY_RATIO,
             "accuracy_ratio_ge_0.968": None if accuracy_ratio is None else accuracy_ratio >= GOAL_ACCURACY_RATIO,
-            "student_beats_teacher": None if accuracy_ratio is None else accuracy_ratio > 1.0,
+            "student_beats_teacher_best_prompt": None if accuracy_ratio is None else accuracy_ratio > 1.0,
             "size_ratio_ge_7.5": None if size_ratio is None else size_ratio >= GOAL_SIZE_RATIO,
             "speed_ratio_ge_9.4": None if speed_ratio is None else speed_ratio >= GOAL_SPEED_RATIO,
             "every_stream_ge_238_wpm": bool(result.stream_wpm) and not below,
@@ -141,16 +207,19 @@ def write_plots(result: DemoResult, folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric, teacher_score, student_score = scores(result)
+    eval_key = "accuracy" if metric == "accuracy" else "teacher_agreement"
     paths = []
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [h["step"] for h in result.history]
     ax_loss.plot(steps, [h["loss"] for h in result.history], color="tab:blue")
     ax_loss.set(title="training loss", xlabel="step", ylabel="loss")
-    ax_acc.plot([e["step"] for e in result.evals], [e.get("accuracy") or 0 for e in result.evals], "o-",
+    ax_acc.plot([e["step"] for e in result.evals], [e.get(eval_key) or 0 for e in result.evals], "o-",
                 label="student (held-out)")  # fmt: skip
-    if result.teacher_accuracy is not None:
-        ax_acc.axhline(result.teacher_accuracy, color="tab:red", linestyle="--", label="teacher")
-    ax_acc.set(title="held-out accuracy", xlabel="step", ylabel="accuracy", ylim=(0, 1))
+    if teacher_score is not None:
+        label = "teacher (best phrasing)" if metric == "accuracy" else "teacher"
+        ax_acc.axhline(teacher_score, color="tab:red", linestyle="--", label=label)
+    ax_acc.set(title=f"held-out {metric}", xlabel="step", ylabel=metric, ylim=(0, 1.05))
     ax_acc.legend()
     fig.tight_layout()
     paths.append(folder / "training.png")
@@ -170,7 +239,7 @@ def write_plots(result: DemoResult, folder: Path) -> list[Path]:
 
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.5))
     panels = [
-        ("held-out accuracy", result.teacher_accuracy, result.student_accuracy),
+        (f"held-out {metric}", teacher_score, student_score),
         ("parameters (M)", result.teacher_params / 1e6, result.student_params / 1e6),
         ("tokens/s", result.teacher_tokens_per_s, result.student_tokens_per_s),
         ("streams ≥ 238 wpm", result.teacher_streams_at_target, result.student_streams_at_target),
@@ -185,6 +254,16 @@ def write_plots(result: DemoResult, folder: Path) -> list[Path]:
     return paths
 
 
+def _signal_lines(data: dict[str, Any], result: DemoResult) -> list[str]:
+    share = data["signal_share"]
+    names = {"generated": "the teacher's own answers", "scored_reference": "reference answers scored by the teacher",
+             "scored_student": "the student's own answers scored by the teacher (on-policy)",
+             "reference": "reference answers alone (cross-entropy, no teacher)"}  # fmt: skip
+    rows = [f"| {names[k]} (`{k}`) | {result.tokens_by_source.get(k, 0):,} | {v:.1%} | "
+            f"{fmt(result.loss_by_source.get(k), '.3f')} |" for k, v in share.items()]  # fmt: skip
+    return ["| source | trained tokens | share | recent loss |", "|---|---|---|---|", *rows]
+
+
 def write_report(result: DemoResult, folder: Path) -> dict[str, Any]:
     """Writes report.json, report.md and the plots into `folder`; returns the summary."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -195,21 +274,33 @@ def write_report(result: DemoResult, folder: Path) -> dict[str, Any]:
     plots = write_plots(result, folder)
     goals = data["goals"]
     cost = data["cost_estimate"]
+    metric = data["metric"]
+    variants = ", ".join(f"{k or 'as trained'} {v:.3f}" for k, v in result.teacher_accuracy_by_variant.items())
+    quality = (
+        f"| held-out accuracy (checker `{result.checker}`) | {fmt(result.teacher_accuracy_best_prompt)} at its best "
+        f"phrasing ({variants or 'n/a'}) | {fmt(result.student_accuracy)} | {fmt(data['accuracy_ratio'])} | "
+        f"≥ 0.968 (> 1: the student beats its teacher) | {fmt(goals['accuracy_ratio_ge_0.968'])} |"
+        if metric == "accuracy"
+        else f"| held-out agreement with the teacher's answers (no checker) | 1 (by definition) | "
+        f"{fmt(result.student_agreement)} | {fmt(data['score_ratio'])} | ≥ 0.968 | "
+        f"{fmt(goals['score_ratio_ge_0.968'])} |"
+    )
     lines = [
-        f"# distillery demo — profile `{result.profile}`",
+        f"# distillery — `{result.use_case}`, recipe `{result.recipe}`, profile `{result.profile}`",
         "",
-        f"Teacher `{result.teacher_model}` distilled into a student ({result.student_recipe}) on grade-school math "
-        f"word problems: {result.train_prompts} training prompts answered by the teacher (best-of-n, verified), "
-        f"{result.scored_prompts} worked solutions scored by the teacher (teacher-forced samples), "
-        f"{result.eval_prompts} held-out prompts, "
-        f"{result.teacher_samples} teacher samples. Wall time {data['wall_s']} s.",
+        f"Teacher `{result.teacher_model}` distilled into a student ({result.student_recipe}). Training prompts: "
+        f"{result.train_prompts} for the teacher to answer, {result.scored_prompts} reference answers for it to "
+        f"score ({result.prompts_sent} sent before the run ended); {result.eval_prompts} held-out prompts "
+        f"(phrasings tried on the teacher: {', '.join(['as trained', *result.prompt_variants])}). Held-out split: "
+        f"{result.held_out}. {result.teacher_samples} teacher samples. Wall time {data['wall_s']} s.",
         "",
         "## Teacher vs student",
         "",
         "| | teacher | student | ratio | goal | met |",
         "|---|---|---|---|---|---|",
-        f"| held-out accuracy | {fmt(result.teacher_accuracy)} | {fmt(result.student_accuracy)} | "
-        f"{fmt(data['accuracy_ratio'])} | ≥ 0.968 (> 1 is the real goal) | {fmt(goals['accuracy_ratio_ge_0.968'])} |",
+        quality,
+        f"| KL(teacher ‖ student) per held-out token | | {fmt(result.student_kl)} | | | |",
+        f"| top-1 token agreement on held-out teacher answers | | {fmt(result.student_top1)} | | | |",
         f"| parameters | {result.teacher_params:,} | {result.student_params:,} | {fmt(data['size_ratio'], '.2f')}× "
         f"fewer | ≥ 7.5× | {fmt(goals['size_ratio_ge_7.5'])} |",
         f"| tokens/s through serving ({result.speed_concurrency} streams) | {fmt(result.teacher_tokens_per_s, '.1f')}"
@@ -218,9 +309,18 @@ def write_report(result: DemoResult, folder: Path) -> dict[str, Any]:
         f"| concurrent streams at ≥ 238 wpm (p50) | {fmt(result.teacher_streams_at_target)} | "
         f"{fmt(result.student_streams_at_target)} | | | |",
         "",
+        "## Where the student's signal came from",
+        "",
+        *_signal_lines(data, result),
+        "",
+        f"On-policy fraction of each batch: {result.on_policy_fraction:g}; student completions sent to be scored "
+        f"{result.on_policy.get('requested', 0)}, scored ones received {result.on_policy.get('received', 0)}, "
+        f"stale {result.on_policy.get('stale', 0)} (dropped {result.on_policy.get('stale_dropped', 0)}).",
+        "",
         "## Serving during training",
         "",
-        f"{result.streams} client streams were served while the trainer promoted students; {result.swaps} hot-swap"
+        f"{result.streams} client streams were served while the trainer promoted students; {result.promotions} "
+        f"promotion{'' if result.promotions == 1 else 's'}, {result.swaps} hot-swap"
         f"{'' if result.swaps == 1 else 's'} (versions served: {result.served_versions}); "
         f"{result.failed_requests} failed requests "
         f"(goal 0: {fmt(goals['zero_failed_requests'])}). Streams below 238 wpm: {data['streams_below_target']} "
@@ -235,11 +335,13 @@ def write_report(result: DemoResult, folder: Path) -> dict[str, Any]:
         "",
         "## Evaluations",
         "",
-        "| step | student accuracy | teacher accuracy | KL | top-1 agreement | perplexity |",
-        "|---|---|---|---|---|---|",
+        "| step | student accuracy | teacher accuracy (best phrasing) | agreement with teacher | KL | "
+        "top-1 agreement | perplexity |",
+        "|---|---|---|---|---|---|---|",
         *[
-            f"| {e['step']} | {fmt(e.get('accuracy'))} | {fmt(e.get('teacher_accuracy'))} | {fmt(e.get('kl'))} | "
-            f"{fmt(e.get('top1_agreement'))} | {fmt(e.get('perplexity'), '.2f')} |"
+            f"| {e['step']} | {fmt(e.get('accuracy'))} | {fmt(e.get('teacher_accuracy_best_prompt'))} | "
+            f"{fmt(e.get('teacher_agreement'))} | {fmt(e.get('kl'))} | {fmt(e.get('top1_agreement'))} | "
+            f"{fmt(e.get('perplexity'), '.2f')} |"
             for e in result.evals
         ],
         "",

@@ -1,8 +1,8 @@
 """Teacher vs student through the serving service, measured by `distillery bench serving`'s own code.
 
 Runs after the pipeline's services have stopped, so both models get the machine to themselves: each is served by a
-fresh `distillery serving serve` process and probed with the same load (word problems, greedy): streams that end
-with the answer for the capacity at 238 wpm, fixed-length ones for tokens/s.
+fresh `distillery serving serve` process and probed with the same load (the job's prompts, greedy): streams that end
+with the answer for the capacity at 238 wpm, fixed-length ones for tokens/s, on the job's held-out prompts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ from services.demo.profiles import Profile
 from services.demo.report import DemoResult
 
 
-def compare(result: DemoResult, home: Path, student_dir: Path, teacher_dir: Path, profile: Profile) -> dict:
+def compare(
+    result: DemoResult,
+    home: Path,
+    student_dir: Path,
+    teacher_dir: Path,
+    profile: Profile,
+    chats: list[list[dict[str, str]]] | None = None,
+) -> dict:
     from services.serving.bench import ServingBenchConfig, run_serving_bench
 
     config = ServingBenchConfig(
@@ -31,6 +38,8 @@ def compare(result: DemoResult, home: Path, student_dir: Path, teacher_dir: Path
         teacher_dir=teacher_dir,
         # Readers' streams end with the answer; tokens/s are compared at a fixed length.
         capacity_stop_at_eos=True,
+        # The job's own held-out prompts, as its users would send them.
+        prompts=[[(m["role"], m["content"]) for m in chat] for chat in chats or []],
     )
     bench = asyncio.run(run_serving_bench(config))
     result.student_streams_at_target = bench["student_streams_at_target"]

@@ -4,8 +4,8 @@ For each model (the default student, then the default teacher) it starts `distil
 process, then searches for the largest number of concurrent Generate streams whose median words per minute stays at
 or above the 238 wpm reading target: doubling until a probe fails, then bisecting, within a time budget. Each probe
 is a load-generator run (`loadtest.py`) of `probe_s` seconds. Tokens/s of both models are compared at one equal
-concurrency (the teacher's capacity). Both models see the same prompts (word problems of the seed task), the same
-sampling and the same engine settings.
+concurrency (the teacher's capacity). Both models see the same prompts (the default built-in use case, or the given
+chats), the same sampling and the same engine settings.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ class ServingBenchConfig:
     """Seconds of load per probed concurrency."""
     max_tokens: int = 128
     temperature: float = 0.0
-    """Greedy by default: the use case (word problems) is answered greedily. At T=1 the 49k-vocabulary sampler
+    """Greedy by default: the default use case is judged on greedy answers. At T=1 the 49k-vocabulary sampler
     costs the small student a large share of its step (measured ≈40%)."""
     start_concurrency: int = 4
     max_concurrency: int = 4096
@@ -50,6 +50,8 @@ class ServingBenchConfig:
     """Skip torch.compile in the engines (tiny models start much faster without it)."""
     student_dir: Path | None = None
     teacher_dir: Path | None = None
+    prompts: list[list[tuple[str, str]]] = field(default_factory=list)
+    """Chats the probes send (role, content); empty: the default built-in use case's prompts."""
     capacity_stop_at_eos: bool = False
     """Let the capacity probes' streams end where the model ends its answer, as users' streams do. Default: every
     stream generates `max_tokens` (the right load for an untrained student that never ends). A model forced past its
@@ -66,11 +68,26 @@ def default_student(models_dir: Path, teacher_dir: Path) -> Path:
     from services.trainer.student import make_student
 
     staging = models_dir / f".{STUDENT_CACHE}.{uuid.uuid4().hex}"
-    make_student(teacher_dir, DEFAULT_STUDENT_RECIPE, staging, dtype="bfloat16")
+    make_student(teacher_dir, DEFAULT_STUDENT_RECIPE, staging, calibration_sequences(teacher_dir), dtype="bfloat16")
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
     return target
+
+
+def calibration_sequences(teacher_dir: Path, n: int = 64) -> list[list[int]]:
+    """Token ids of `n` prompts of the default built-in use case and their references, in the teacher's chat format:
+    what the untrained default student is pruned with when a benchmark builds one."""
+    from services.common.models import load_tokenizer
+    from services.tasks.builtin import default_prompts
+
+    tokenizer = load_tokenizer(teacher_dir)
+    out = []
+    for example in default_prompts(n, seed=1234):
+        chat = [*example.content.chat(), {"role": "assistant", "content": example.reference or ""}]
+        ids = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=False)
+        out.append([int(t) for t in (ids if isinstance(ids, list) else ids["input_ids"])])
+    return out
 
 
 def service_env(config: ServingBenchConfig, model_dir: Path) -> dict[str, str]:
@@ -149,6 +166,7 @@ async def bench_model(
                     max_tokens=config.max_tokens,
                     temperature=config.temperature,
                     ignore_eos=fixed_length,
+                    prompts=config.prompts,
                 )
             )
             summary = result.summary()
@@ -185,11 +203,11 @@ def check_model_folders(config: ServingBenchConfig) -> None:
     others before any engine starts."""
     from services.common.models import ModelError, check_safe_folder
 
-    for field, folder in (("student", config.student_dir), ("teacher", config.teacher_dir)):
+    for which, folder in (("student", config.student_dir), ("teacher", config.teacher_dir)):
         if folder is None:
             continue
         if not (folder / "config.json").is_file():
-            raise ModelError(f"{field}={folder}: no config.json, not a Hugging Face model folder")
+            raise ModelError(f"{which}={folder}: no config.json, not a Hugging Face model folder")
         check_safe_folder(folder)
 
 
@@ -226,7 +244,7 @@ async def run_serving_bench(config: ServingBenchConfig) -> dict[str, Any]:
         "teacher_parameters": parameter_count(teacher_dir),
         "student": student,
         "teacher": teacher,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "prompts"},
         "cpus": len(os.sched_getaffinity(0)),
         "seconds": round(time.monotonic() - started, 1),
     }

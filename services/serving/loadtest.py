@@ -39,7 +39,7 @@ class LoadtestConfig:
     """Generate exactly `max_tokens` per stream, so runs compare like with like."""
     temperature: float = 1.0
     prompts: Sequence[Sequence[tuple[str, str]]] = ()
-    """Chats to cycle through; default: word problems of the seed task."""
+    """Chats to cycle through; default: prompts of the default built-in use case."""
     swap_uris: Sequence[str] = ()
     """Checkpoints to LoadModel, one every `swap_interval_s`, while the load runs."""
     swap_interval_s: float = 10.0
@@ -92,10 +92,10 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def default_prompts(n: int = 64) -> list[list[tuple[str, str]]]:
-    from services.tasks import get_task
+    """Chats of the default built-in use case, when a load test is given no prompts."""
+    from services.tasks.builtin import default_prompts as examples
 
-    task = get_task("math_word_problems")
-    return [[(m["role"], m["content"]) for m in task.messages(p)] for p in task.generate(n, seed=1, split="eval")]
+    return [[(m["role"], m["content"]) for m in e.content.chat()] for e in examples(n, seed=1)]
 
 
 @dataclass

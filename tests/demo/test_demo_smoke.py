@@ -1,7 +1,9 @@
-"""The whole pipeline, end to end, as `make test` runs it: `distillery demo --profile smoke --json` in a subprocess.
+"""The whole pipeline, end to end, as `make test` runs it: `distillery demo` and `distillery distil` on tiny models.
 
 Real broker, real vLLM teacher and serving engines (tiny random Llama), real trainer, real gRPC between separate
-processes; the report must say what the run did and that nothing failed.
+processes; the report must say what the run did and that nothing failed. One run is the demo (the built-in use
+case with its checker, recipe best); the other is a user's own JSONL without references or checker, distilled with
+the teacher-only recipe (on-policy on), judged and gated by agreement with the teacher.
 """
 
 from __future__ import annotations
@@ -11,54 +13,95 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.e2e
 
-REQUIRED = ("teacher_accuracy", "student_accuracy", "accuracy_ratio", "teacher_params", "student_params",
-            "size_ratio", "speed_ratio", "student_streams_at_target", "swaps", "failed_requests", "wall_s")  # fmt: skip
+REQUIRED = ("metric", "teacher_score", "student_score", "score_ratio", "size_ratio", "speed_ratio", "promotions",
+            "swaps", "failed_requests", "wall_s", "accuracy_ratio", "teacher_accuracy_best_prompt",
+            "student_accuracy", "signal_share", "recipe")  # fmt: skip
 
 
-def test_smoke_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
+def _run(tmp_path: Path, *args: str) -> tuple[dict[str, Any], Path]:
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "DISTILLERY_KAFKA_BOOTSTRAP"}  # the demo starts its own broker
+    env = {k: v for k, v in os.environ.items() if k != "DISTILLERY_KAFKA_BOOTSTRAP"}  # it starts its own broker
     env.update(DISTILLERY_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "distillery"),
-            "demo",
-            "--profile",
-            "smoke",
-            "--json",
-            "--run-dir",
-            str(run_dir),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=840,
-    )
+        [str(Path(sys.executable).parent / "distillery"), *args, "--profile", "smoke", "--json",
+         "--run-dir", str(run_dir)],
+        env=env, capture_output=True, text=True, timeout=840,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-6000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     missing = [key for key in REQUIRED if key not in summary]
     assert not missing, missing
+    return summary, run_dir
 
-    assert summary["profile"] == "smoke"
+
+def _served_and_swapped(summary: dict[str, Any], run_dir: Path) -> None:
     assert summary["failed_requests"] == 0
     assert summary["streams"] > 0 and summary["streams_below_target"] == 0
     # The smoke gate promotes every checkpoint: serving must have hot-swapped at least one student in.
-    assert summary["swaps"] >= 1 and summary["served_versions"]
+    assert summary["promotions"] >= 1 and summary["swaps"] >= 1 and summary["served_versions"]
     assert 0 < summary["student_params"] < summary["teacher_params"] and summary["size_ratio"] > 1
-    assert summary["teacher_samples"] >= summary["train_prompts"] > 0
     assert summary["student_tokens_per_s"] > 0 and summary["teacher_tokens_per_s"] > 0
     assert summary["student_streams_at_target"] >= 1
-
     full = json.loads((run_dir / "report.json").read_text())
     assert full["history"] and full["evals"], "WatchRun progress and evaluations reach the report"
     assert [c for c in full["checkpoints"] if c["promoted"]]
     for name in ("report.md", "training.png", "wpm.png", "teacher_vs_student.png", "speed.json"):
         assert (run_dir / name).stat().st_size > 0, name
-    # Everything the demo started has stopped: the embedded broker's state file is removed only after its PID is gone.
+    # Everything the pipeline started has stopped: the broker's state file is removed only after its PID is gone.
     assert not (run_dir / "broker" / "broker.json").exists()
-    assert (run_dir / "broker").is_dir(), "the demo ran its own broker in the run folder"
+    assert (run_dir / "broker").is_dir(), "the pipeline ran its own broker in the run folder"
+
+
+def test_smoke_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
+    summary, run_dir = _run(tmp_path, "demo", "--recipe", "best")
+    assert (summary["profile"], summary["recipe"], summary["metric"]) == ("smoke", "best", "accuracy")
+    assert summary["checker"] == "numeric" and "fact-disjoint" in summary["held_out"]
+    assert summary["teacher_samples"] >= summary["train_prompts"] > 0
+    # The teacher was also asked in the phrasing the task declares; the student is compared with its better one.
+    assert summary["prompt_variants"] == ["instructions"]
+    assert set(summary["teacher_accuracy_by_variant"]) == {"", "instructions"}
+    assert summary["teacher_score"] == summary["teacher_accuracy_best_prompt"]
+    # best trains on teacher answers and teacher-scored references; the shares say how much of each.
+    share = summary["signal_share"]
+    assert share["generated"] > 0 and share["scored_reference"] > 0 and sum(share.values()) == pytest.approx(1, 1e-3)
+    _served_and_swapped(summary, run_dir)
+
+
+def test_smoke_distil_of_a_users_prompts_without_references_or_checker(tmp_path: Path) -> None:
+    lines = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"Tell me about the number {i}."}]}
+             for i in range(60)]  # fmt: skip
+    lines += [{"id": i, "prompt": f"Write a word about {i} apples."} for i in range(60, 80)]
+    lines += [{"id": f"held-{i}", "messages": [{"role": "user", "content": f"What is {i} plus one?"}],
+               "split": "eval"} for i in range(8)]  # fmt: skip
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    summary, run_dir = _run(tmp_path, "distil", "--teacher", "tiny", "--prompts", str(prompts), "--recipe", "kd")
+    assert (summary["metric"], summary["teacher_score"], summary["checker"]) == ("teacher_agreement", 1.0, None)
+    assert summary["student_score"] is not None and summary["accuracy_ratio"] is None
+    assert summary["use_case"] == "mine" and summary["dataset"]["eval_lines"] >= 8
+    # Teacher signal only: no reference text, and the student's own answers came back scored by the teacher.
+    share = summary["signal_share"]
+    assert share["scored_reference"] == 0 and share["reference"] == 0
+    assert share["generated"] > 0 and share["scored_student"] > 0
+    assert summary["on_policy"]["requested"] > 0 and summary["on_policy"]["received"] > 0
+    _served_and_swapped(summary, run_dir)
+
+
+def test_distil_refuses_a_bad_file_before_starting_anything(tmp_path: Path) -> None:
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "messages": []}\n')
+    env = {**os.environ, "DISTILLERY_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "distillery"), "distil", "--prompts", str(prompts), "--profile", "smoke",
+         "--run-dir", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "bad.jsonl:2: messages: must be a non-empty list" in proc.stderr
+    assert not (tmp_path / "run" / "broker").exists(), "nothing started"

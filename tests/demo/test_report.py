@@ -14,8 +14,15 @@ def _result(**overrides: object) -> DemoResult:
     base = DemoResult(
         profile="unit",
         teacher_model="teacher",
-        teacher_accuracy=0.20,
+        recipe="kd",
+        use_case="sums",
+        checker="numeric",
+        teacher_accuracy=0.18,
+        teacher_accuracy_best_prompt=0.20,
+        teacher_accuracy_by_variant={"": 0.18, "no_system": 0.20},
         student_accuracy=0.30,
+        student_agreement=0.4,
+        tokens_by_source={"generated": 300, "scored_student": 100},
         teacher_params=134_515_008,
         student_params=17_300_000,
         teacher_tokens_per_s=200.0,
@@ -37,11 +44,15 @@ def _result(**overrides: object) -> DemoResult:
 
 def test_summary_ratios_goals_and_cost_estimate() -> None:
     s = summary(_result())
+    # The student is compared with the teacher at its best phrasing (0.20), not the one it was trained with (0.18).
     assert s["accuracy_ratio"] == pytest.approx(1.5)
+    assert (s["metric"], s["teacher_score"], s["student_score"]) == ("accuracy", 0.20, 0.30)
+    assert s["score_ratio"] == pytest.approx(1.5) and s["teacher_accuracy_best_prompt"] == 0.20
+    assert s["signal_share"] == {"generated": 0.75, "scored_reference": 0.0, "scored_student": 0.25, "reference": 0.0}
     assert s["size_ratio"] == pytest.approx(134_515_008 / 17_300_000)
     assert s["speed_ratio"] == pytest.approx(8.0)
     goals = s["goals"]
-    assert goals["accuracy_ratio_ge_0.968"] is True and goals["student_beats_teacher"] is True
+    assert goals["accuracy_ratio_ge_0.968"] is True and goals["student_beats_teacher_best_prompt"] is True
     assert goals["size_ratio_ge_7.5"] is True
     assert goals["speed_ratio_ge_9.4"] is False
     assert goals["every_stream_ge_238_wpm"] is True and goals["zero_failed_requests"] is True
@@ -55,7 +66,9 @@ def test_summary_ratios_goals_and_cost_estimate() -> None:
 
 
 def test_missing_measurements_are_unknown_not_zero() -> None:
-    s = summary(_result(teacher_accuracy=None, student_tokens_per_s=None, stream_wpm=[], failed_requests=2))
+    s = summary(_result(teacher_accuracy_best_prompt=None, student_tokens_per_s=None, stream_wpm=[], failed_requests=2,
+                        tokens_by_source={}))  # fmt: skip
+    assert s["signal_share"]["generated"] == 0.0
     assert s["accuracy_ratio"] is None and s["goals"]["accuracy_ratio_ge_0.968"] is None
     assert s["speed_ratio"] is None and s["cost_estimate"]["student_usd_per_million_tokens"] is None
     assert s["goals"]["every_stream_ge_238_wpm"] is False  # no stream served proves nothing
@@ -72,9 +85,20 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     full = json.loads((tmp_path / "report.json").read_text())
     assert full["accuracy_ratio"] == data["accuracy_ratio"] and full["history"][1]["loss"] == 2.0
     markdown = (tmp_path / "report.md").read_text()
-    assert "| held-out accuracy | 0.200 | 0.300 | 1.500 |" in markdown
+    assert (
+        "| held-out accuracy (checker `numeric`) | 0.200 at its best phrasing (as trained 0.180, no_system 0.200) |"
+        " 0.300 | 1.500 |" in markdown
+    )
+    assert "(`scored_student`) | 100 | 25.0% |" in markdown
     assert "estimate" in markdown and "- a note" in markdown
     for name in ("training.png", "wpm.png", "teacher_vs_student.png"):
         png = tmp_path / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in markdown
+
+
+def test_without_a_checker_the_score_is_agreement_with_the_teacher(tmp_path: Path) -> None:
+    s = write_report(_result(checker="", student_accuracy=None, teacher_accuracy_best_prompt=None), tmp_path)
+    assert (s["metric"], s["teacher_score"], s["student_score"]) == ("teacher_agreement", 1.0, 0.4)
+    assert s["score_ratio"] == pytest.approx(0.4) and s["accuracy_ratio"] is None
+    assert "agreement with the teacher's answers (no checker)" in (tmp_path / "report.md").read_text()

@@ -41,6 +41,10 @@ CONTRACT: dict[str, str] = {
     "distillery_trainer_eval_kl": "gauge",
     "distillery_trainer_eval_top1_agreement_ratio": "gauge",
     "distillery_trainer_eval_perplexity": "gauge",
+    "distillery_trainer_eval_teacher_best_prompt_accuracy_ratio": "gauge",
+    "distillery_trainer_eval_teacher_agreement_ratio": "gauge",
+    "distillery_trainer_gate_score": "gauge",
+    "distillery_trainer_on_policy_completions": "counter",
     "distillery_trainer_checkpoints_written": "counter",
     "distillery_trainer_checkpoints_promoted": "counter",
     # serving
