@@ -251,13 +251,12 @@ class Pipeline:
                                 info=f"failed {stats.failed}  versions {sorted(stats.versions)}")  # fmt: skip
                     # At max_steps the run is only finishing its last evaluation: let it end by itself.
                     if time.monotonic() > deadline and (prog is None or not p.max_steps or prog.step < p.max_steps):
-                        note = f"stopped the run at the time budget ({p.time_budget_s:.0f}s), last checkpoint evaluated"
-                        self.result.notes.append(note)
                         with grpc.insecure_channel(procs["trainer"].address) as channel:
                             pb.trainer_grpc.TrainerServiceStub(channel).StopRun(
                                 pb.trainer.StopRunRequest(run_id=run_id, evaluate=True), timeout=60
                             )
                         watch.done.wait(300)  # the final checkpoint is evaluated (held-out split) and gated
+                        self.result.notes.append(_stop_note(p.time_budget_s, watch))
                         break
             self.wait_for_last_promotion(procs["serving"].address)
         finally:
@@ -385,3 +384,15 @@ def install_sigterm_as_interrupt() -> None:
 
 
 __all__ = ["DemoFailed", "Pipeline", "ServiceFailed", "install_sigterm_as_interrupt"]
+
+
+def _stop_note(budget_s: float, watch: RunWatch) -> str:
+    """What stopping at the time budget left: an evaluated last checkpoint, or why there is none."""
+    prog = watch.progress
+    step = prog.step if prog is not None else 0
+    if watch.evals and watch.evals[-1]["step"] == step:
+        return f"stopped the run at the time budget ({budget_s:.0f}s), last checkpoint (step {step}) evaluated"
+    return (
+        f"stopped the run at the time budget ({budget_s:.0f}s) at step {step}, not evaluated: the teacher had not "
+        "answered every held-out prompt yet (the trainer evaluates only on the complete held-out set)"
+    )

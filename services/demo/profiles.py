@@ -207,10 +207,11 @@ DEFAULT = Profile(
     sample_reuse=5,
     # A worked solution is ≈17 tokens ("8 + 4 = 12. The answer is 12." and the end of turn).
     eval_max_new_tokens=32,
-    # Two readers with a pause between streams; on 2 cores serving shares the trainer's core (see core_layout).
+    # Two readers, each reading an answer before asking again (48 tokens ≈ 36 words ≈ 9 s at 238 words a minute);
+    # on 2 cores serving shares the trainer's core (see core_layout).
     load_streams=2,
     load_max_tokens=48,
-    load_think_s=3.0,
+    load_think_s=8.0,
     load_temperature=0.0,
     speed_concurrency=16,
     max_capacity_streams=512,
@@ -223,6 +224,9 @@ DEFAULT = Profile(
     # On-policy rounds (recipe kd): 16 completions every 20 steps feed a quarter of each batch of 8 (each used up to
     # sample_reuse times); sampling them costs the trainer a few seconds a round.
     on_policy=pb.trainer.OnPolicySpec(refresh_every_steps=20, prompts_per_refresh=16, max_new_tokens=40),
+    # 48 training prompts (240 items at sample_reuse 5: 30 steps) before the 400 held-out generations, which took
+    # the contended teacher > 600 s behind a head of 256 (the first evaluation never became ready).
+    feed_head=48,
     time_budget_s=600.0,
 )
 
