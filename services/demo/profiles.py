@@ -152,7 +152,9 @@ SMOKE = Profile(
     name="smoke",
     teacher="tiny",
     generate_prompts=48,
-    score_prompts=32,
+    # best: 64 references × sample_reuse 4 = 32 steps of 8, enough for max_steps even when the checker keeps none
+    # of the tiny random teacher's answers (with 32 the run starved at step 16 and waited for the time budget).
+    score_prompts=64,
     best_generated=16,
     eval_prompts=16,
     max_tokens=12,

@@ -75,10 +75,10 @@ def test_prompts_file_lines_become_records_with_their_phrasing_and_reference() -
         assert record.sampling.n == 4 and record.prompt_variant == ""
         assert record.split == (pb.common.SPLIT_EVAL if example.split == "eval" else pb.common.SPLIT_TRAIN)
         assert record.metadata["facts"] == example.metadata["facts"]
-    bare = examples[0].content.without_system()
-    assert bare is not None
-    variant = example_record(examples[0], "sums", content=bare, variant="no_system", score_reference=True)
-    assert [m.role for m in variant.chat.messages] == ["user"] and variant.prompt_variant == "no_system"
+    # The math task's declared phrasing adds its system prompt to the question alone (the student's phrasing).
+    instructions = examples[0].variants["instructions"]
+    variant = example_record(examples[0], "sums", content=instructions, variant="instructions", score_reference=True)
+    assert [m.role for m in variant.chat.messages] == ["system", "user"] and variant.prompt_variant == "instructions"
     assert variant.score_reference
     raw = example_record(Example("t", Content(prompt="plain text")), "sums")
     assert raw.text == "plain text" and not raw.HasField("reference_answer")

@@ -5,6 +5,7 @@ samples, and the trainer trains on them with reverse KL (counted apart, per sour
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ async def stack(
 ) -> AsyncIterator[tuple[Any, TrainerApp]]:
     from services.teacher.main import TeacherApp
 
+    # A consumer group of its own: the session's broker also holds the groups of earlier tests' teachers.
+    worker = {"group_id": f"teacher-{uuid.uuid4().hex[:6]}", "commit_interval_s": 0.1}
     teacher = await TeacherApp.create(
-        teacher_settings(tiny_teacher, tmp_path / "teacher", kafka=kafka_settings, vllm=TINY_VLLM)
+        teacher_settings(tiny_teacher, tmp_path / "teacher", kafka=kafka_settings, vllm=TINY_VLLM, worker=worker)
     )
     await teacher.start(metrics_server=False)
     trainer = await TrainerApp.create(trainer_settings(tiny_teacher, tmp_path / "trainer", kafka_settings))
