@@ -39,6 +39,8 @@ from services.demo.watch import RunWatch, watch_run
 
 #: The teacher's prompts-topic lag (services/teacher/metrics.py), read from its /metrics.
 PROMPT_LAG = "distillery_teacher_prompt_lag_records"
+#: Prompt records the teacher finished: answered, or dead-lettered (so a bad prompt never holds the feed back).
+PROMPTS_CONSUMED = "distillery_teacher_prompts_consumed_total"
 
 
 class DemoFailed(RuntimeError):
@@ -166,12 +168,17 @@ class Pipeline:
 
     def feed_order(self) -> list[pb.common.PromptRecord]:
         """Every prompt record in the order the teacher gets them: a first share of the training prompts, then the
-        held-out ones in every phrasing, then the rest. The trainer starts on the first share while the teacher
-        answers the held-out prompts (on a 2-core AVX2 machine 200 prompts in 2 phrasings took 274 s, with the
-        trainer waiting); its first evaluation waits until every held-out answer is in."""
+        held-out ones in every phrasing, then the rest (published once the teacher has answered those: `held_at`).
+        The trainer starts on the first share while the teacher answers the held-out prompts; its first evaluation
+        waits until every held-out answer is in."""
         head = self.profile.feed_head
         train = self.plan.train_records
         return [*train[:head], *self.plan.eval_records, *train[head:]]
+
+    @property
+    def held_at(self) -> int:
+        """How many records of `feed_order` the teacher answers before the rest is published."""
+        return min(self.profile.feed_head, len(self.plan.train_records)) + len(self.plan.eval_records)
 
     def run_spec(self) -> pb.trainer.RunSpec:
         from services.trainer.recipes import default_run_spec
@@ -223,8 +230,10 @@ class Pipeline:
         watcher.start()
         teacher_metrics = procs["teacher"].metrics_url
         records = self.feed_order()
+        held_at = self.held_at
         feeder = Feeder(KafkaSettings(bootstrap=bootstrap), records,
-                        lambda: scrape(teacher_metrics).get(PROMPT_LAG), p.feed_backlog)  # fmt: skip
+                        lambda: scrape(teacher_metrics).get(PROMPT_LAG), p.feed_backlog, hold_at=held_at,
+                        released=lambda: scrape(teacher_metrics).get(PROMPTS_CONSUMED, 0) >= held_at)  # fmt: skip
         feeder.start()
         prompts = [e.content.chat() for e in self.job.eval[: p.eval_prompts] if e.content.messages]
         load = ClientLoad(procs["serving"].address, prompts or [[{"role": "user", "content": "Hello"}]],

@@ -204,7 +204,7 @@ DEFAULT = Profile(
     # 200 steps of twice the time). Faster machines reach max_steps before the time budget.
     max_steps=400,
     batch_size=8,
-    eval_every_steps=200,
+    eval_every_steps=100,
     learning_rate=1e-3,
     sample_reuse=5,
     # A worked solution is ≈17 tokens ("8 + 4 = 12. The answer is 12." and the end of turn).
@@ -226,9 +226,9 @@ DEFAULT = Profile(
     # On-policy rounds (recipe kd): 16 completions every 20 steps feed a quarter of each batch of 8 (each used up to
     # sample_reuse times); sampling them costs the trainer a few seconds a round.
     on_policy=pb.trainer.OnPolicySpec(refresh_every_steps=20, prompts_per_refresh=16, max_new_tokens=40),
-    # 48 training prompts (240 items at sample_reuse 5: 30 steps) before the 400 held-out generations, which took
-    # the contended teacher > 600 s behind a head of 256 (the first evaluation never became ready).
-    feed_head=48,
+    # 160 training prompts (800 items at sample_reuse 5: 100 steps, about what the trainer does while the teacher
+    # answers the 400 held-out generations), then the held-out prompts, then the rest once those are answered.
+    feed_head=160,
     time_budget_s=600.0,
 )
 
