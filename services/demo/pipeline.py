@@ -148,7 +148,7 @@ class Pipeline:
             service_env = {**common, **env[name], f"{prefix}HOME": str(self.run_dir),
                            f"{prefix}REGISTRY_DIR": str(self.registry.root),
                            f"{prefix}MODELS_DIR": str(self.home / "models"), f"{prefix}LOG_FORMAT": "json"}  # fmt: skip
-            nice = p.serving_nice if name == "serving" else 0
+            nice = p.trainer_nice if name == "trainer" else 0
             log = self.run_dir / "logs" / f"{name}.log"
             procs[name] = self.group.add(ServiceProcess(name, service_env, log, nice=nice))
             procs[name].start()

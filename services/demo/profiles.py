@@ -113,9 +113,10 @@ class Profile:
     serving_enforce_eager: bool = False
     #: Torch threads of the trainer; 0: one per core it is pinned to (see `core_layout`: 1 on 2 cores).
     trainer_threads: int = 0
-    #: Niceness of serving, which shares the trainer's core on 2 cores. At 5 the pinned trainer left serving too
-    #: little while it still served the teacher: 18 of 650 streams fell below 238 wpm (p5 249). At 0 they share it.
-    serving_nice: int = 0
+    #: Niceness of the trainer, which shares serving's core on 2 cores: readers come first, the trainer takes what
+    #: they leave. At 0 (an equal share) on a 2-core AVX2 machine 239 of 276 client streams fell below 238 wpm
+    #: (p50 159) while serving still served the teacher.
+    trainer_nice: int = 10
     #: How long the trainer waits for a full batch before training a partial one (the teacher publishes in bursts).
     batch_wait_s: float = 30.0
     #: None: the trainer's default student for the teacher (services/trainer/recipes.py `student_for`).
