@@ -113,10 +113,11 @@ class Profile:
     serving_enforce_eager: bool = False
     #: Torch threads of the trainer; 0: one per core it is pinned to (see `core_layout`: 1 on 2 cores).
     trainer_threads: int = 0
-    #: Niceness of the trainer, which shares serving's core on 2 cores: readers come first, the trainer takes what
-    #: they leave. At 0 (an equal share) on a 2-core AVX2 machine 239 of 276 client streams fell below 238 wpm
-    #: (p50 159) while serving still served the teacher.
-    trainer_nice: int = 10
+    #: Niceness of the trainer, which shares serving's core on 2 cores. Measured on a 2-core AVX2 machine, where
+    #: serving the teacher (until the first promotion) to two readers keeps its engine ≈85% busy: at 0 (an equal
+    #: share) 239 of 276 client streams fell below 238 wpm (p50 159); at 10 the trainer got ≈9% of the core and
+    #: had not reached its first evaluation after 600 s. Neither fits on that machine; 0 keeps the distillation.
+    trainer_nice: int = 0
     #: How long the trainer waits for a full batch before training a partial one (the teacher publishes in bursts).
     batch_wait_s: float = 30.0
     #: None: the trainer's default student for the teacher (services/trainer/recipes.py `student_for`).
