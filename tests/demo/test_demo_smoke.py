@@ -68,10 +68,11 @@ def test_smoke_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert set(summary["teacher_accuracy_by_variant"]) == {"", "instructions"}
     assert summary["teacher_score"] == summary["teacher_accuracy_best_prompt"]
     # best trains on verified teacher answers and teacher-scored references; the shares say how much of each. The
-    # tiny random teacher is never right, so the checker keeps none of its answers: all signal is scored references.
+    # checker keeps only the tiny random teacher's rare right answers (a number that happens to match), so nearly
+    # all signal is scored references, and none is on-policy (best has no on-policy share).
     share = summary["signal_share"]
-    assert summary["teacher_accuracy"] == 0.0
-    assert share["generated"] == 0 and share["scored_reference"] > 0 and sum(share.values()) == pytest.approx(1, 1e-3)
+    assert share["scored_reference"] > 0.5 and share["scored_student"] == 0
+    assert sum(share.values()) == pytest.approx(1, 1e-3)
     _served_and_swapped(summary, run_dir)
 
 
