@@ -19,7 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import server_interceptors
 from services.common.metrics import start_metrics_server
+from services.common.security import bind_port, start_probe_server
 from services.common.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class GrpcServer:
         self.name = name
         self.settings = settings
         self.server = grpc.aio.server(
+            interceptors=server_interceptors(*settings.auth.server_tokens()),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -47,6 +50,7 @@ class GrpcServer:
         self.port = 0
         self.metrics_port = 0
         self._stopping = asyncio.Event()
+        self._probe_server: grpc.aio.Server | None = None
 
     def add_service_name(self, full_name: str) -> None:
         """Registers a service for health (`""` and its own name) and reflection; call before `start`."""
@@ -59,10 +63,14 @@ class GrpcServer:
     async def start(self, *, metrics: bool = True) -> int:
         names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.grpc_port}")
+        self.port = bind_port(self.server, self.settings.host, self.settings.grpc_port, self.settings.tls, self.name)
         if self.port == 0:
             raise RuntimeError(f"could not bind gRPC on {self.settings.host}:{self.settings.grpc_port}")
         await self.server.start()
+        if self.settings.tls.health_port is not None:
+            self._probe_server = await start_probe_server(
+                self.health, self.settings.host, self.settings.tls.health_port
+            )
         if metrics:
             self.metrics_port = start_metrics_server(self.settings.host, self.settings.metrics_port, self.name)
         for service in ["", *self._service_names]:
@@ -87,6 +95,8 @@ class GrpcServer:
         """Health → NOT_SERVING, then let in-flight RPCs finish for up to `grace` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_period_s if grace is None else grace)
+        if self._probe_server is not None:
+            await self._probe_server.stop(0)
 
     async def serve_until_signal(
         self,

@@ -74,6 +74,7 @@ def ensure_topics(settings: KafkaSettings, topics: Iterable[str] | None = None) 
         bootstrap_servers=resolve_bootstrap(settings),
         client_id=f"{settings.client_id}-admin",
         request_timeout_ms=settings.request_timeout_ms,
+        **settings.client_security(),
     )
     try:
         existing = set(admin.list_topics())
@@ -110,6 +111,7 @@ class ProtoProducer:
             # Leave room for the record batch framing around a value of max_message_bytes.
             max_request_size=settings.max_message_bytes + 64 * 1024,
             request_timeout_ms=settings.request_timeout_ms,
+            **settings.client_security(),
         )
 
     def send(
@@ -213,6 +215,7 @@ class ProtoConsumer(Generic[M]):
             request_timeout_ms=max(settings.request_timeout_ms, settings.session_timeout_ms + 5_000),
             max_poll_records=max_poll_records,
             isolation_level="read_committed",
+            **settings.client_security(),
         )
         if listener is not None:
             self._consumer.subscribe([topic], listener=listener)

@@ -20,6 +20,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import channels
+
 
 class ServiceFailed(RuntimeError):
     """A service process exited or did not become healthy; the message points at its log."""
@@ -121,7 +123,7 @@ class ServiceProcess:
     def wait_healthy(self, timeout_s: float) -> None:
         """Polls grpc.health.v1 until SERVING; fails early when the process dies."""
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
+        with channels.channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 self.check_alive()

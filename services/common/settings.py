@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.security import AuthSettings, TlsSettings
 
 TOPIC_PROMPTS = "distillery.prompts.v1"
 TOPIC_TEACHER_SAMPLES = "distillery.teacher-samples.v1"
@@ -67,10 +69,49 @@ class KafkaSettings(BaseSettings):
     max_poll_interval_ms: int = Field(300_000, ge=1_000)
     """A consumer that does not poll for this long leaves its group (long batches need a large value)."""
     request_timeout_ms: int = Field(30_000, ge=1_000)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """How clients talk to the brokers; `SSL`/`SASL_SSL` encrypt, `SASL_*` authenticate with `sasl_mechanism`."""
+    ssl_cafile: Path | None = None
+    """CA bundle that signs the brokers' certificates (default: the system's)."""
+    ssl_certfile: Path | None = None
+    """Client certificate for brokers that require mTLS (with `ssl_keyfile`)."""
+    ssl_keyfile: Path | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_plain_username: str | None = None
+    """User name for the PLAIN and SCRAM mechanisms."""
+    sasl_plain_password: SecretStr | None = None
     topic_prompts: str = TOPIC_PROMPTS
     topic_teacher_samples: str = TOPIC_TEACHER_SAMPLES
     topic_checkpoints: str = TOPIC_CHECKPOINTS
     topic_dead_letters: str = TOPIC_DEAD_LETTERS
+
+    @model_validator(mode="after")
+    def _security(self) -> KafkaSettings:
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and (self.sasl_mechanism is None or not self.sasl_plain_username or not self.sasl_plain_password):
+            raise ValueError(
+                f"security_protocol={self.security_protocol} needs sasl_mechanism, sasl_plain_username and "
+                "sasl_plain_password"
+            )
+        if not sasl and self.sasl_mechanism is not None:
+            raise ValueError(f"sasl_mechanism={self.sasl_mechanism} needs security_protocol SASL_PLAINTEXT or SASL_SSL")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile: set both or neither")
+        return self
+
+    def client_security(self) -> dict[str, object]:
+        """kafka-python keyword arguments for encryption and authentication, shared by every client it builds."""
+        kwargs: dict[str, object] = {"security_protocol": self.security_protocol}
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            kwargs["ssl_check_hostname"] = True
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if (value := getattr(self, name)) is not None:
+                    kwargs[name] = str(value)
+        if self.sasl_mechanism is not None and self.sasl_plain_password is not None:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_plain_username
+            kwargs["sasl_plain_password"] = self.sasl_plain_password.get_secret_value()
+        return kwargs
 
     def topics(self) -> list[str]:
         return [self.topic_prompts, self.topic_teacher_samples, self.topic_checkpoints, self.topic_dead_letters]
@@ -100,6 +141,10 @@ class ServiceSettings(BaseSettings):
     max_concurrent_rpcs: int = Field(256, ge=1, le=100_000)
     """Requests beyond this are refused with RESOURCE_EXHAUSTED by gRPC itself."""
     kafka: KafkaSettings = Field(default_factory=lambda: KafkaSettings())
+    tls: TlsSettings = Field(default_factory=lambda: TlsSettings())
+    """gRPC TLS and mTLS; read from `DISTILLERY_TLS_*`, shared with the clients of the same process tree."""
+    auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
+    """gRPC bearer tokens; read from `DISTILLERY_AUTH_*`."""
 
     @property
     def registry(self) -> Path:

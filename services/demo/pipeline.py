@@ -21,11 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from services.common import broker, pb
+from services.common import broker, channels, pb
 from services.common.models import DEFAULT_TEACHER, prepare_default_teacher
 from services.common.process import ProcessGroup, ServiceFailed, ServiceProcess
 from services.common.registry import Registry
@@ -219,7 +218,7 @@ class Pipeline:
 
         p = self.profile
         spec = self.run_spec()
-        with grpc.insecure_channel(procs["trainer"].address) as channel:
+        with channels.channel(procs["trainer"].address) as channel:
             stub = pb.trainer_grpc.TrainerServiceStub(channel)
             run = stub.StartRun(pb.trainer.StartRunRequest(spec=spec), timeout=120).run
         self.run_id = run_id = run.spec.run_id
@@ -260,7 +259,7 @@ class Pipeline:
                                 info=f"failed {stats.failed}  versions {sorted(stats.versions)}")  # fmt: skip
                     # At max_steps the run is only finishing its last evaluation: let it end by itself.
                     if time.monotonic() > deadline and (prog is None or not p.max_steps or prog.step < p.max_steps):
-                        with grpc.insecure_channel(procs["trainer"].address) as channel:
+                        with channels.channel(procs["trainer"].address) as channel:
                             pb.trainer_grpc.TrainerServiceStub(channel).StopRun(
                                 pb.trainer.StopRunRequest(run_id=run_id, evaluate=True), timeout=60
                             )
@@ -287,7 +286,7 @@ class Pipeline:
             self.result.notes.append("no checkpoint passed the gate: serving kept its initial model")
             return
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(address) as channel:
+        with channels.channel(address) as channel:
             stub = pb.serving_grpc.ServingServiceStub(channel)
             while time.monotonic() < deadline:
                 model = stub.GetModel(pb.serving.GetModelRequest(), timeout=10).model

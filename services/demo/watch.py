@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from services.common import pb
+from services.common import channels, pb
 
 TERMINAL = {pb.trainer.RUN_STATE_SUCCEEDED, pb.trainer.RUN_STATE_FAILED, pb.trainer.RUN_STATE_STOPPED}
 EVAL_FIELDS = ("accuracy", "teacher_accuracy", "teacher_accuracy_best_prompt", "teacher_agreement", "kl",
@@ -42,7 +42,7 @@ def watch_run(address: str, run_id: str, watch: RunWatch) -> None:
     seen_evals: set[int] = set()
     while not watch.done.is_set():
         try:
-            with grpc.insecure_channel(address) as channel:
+            with channels.channel(address) as channel:
                 stub = pb.trainer_grpc.TrainerServiceStub(channel)
                 for response in stub.WatchRun(pb.trainer.WatchRunRequest(run_id=run_id)):
                     p = response.progress

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from services.common import pb
+from services.common import channels, pb
 from services.common.settings import READING_TARGET_WPM
 from services.serving.metrics import count_words, words_per_minute
 
@@ -191,8 +191,8 @@ async def run_loadtest(config: LoadtestConfig) -> LoadtestResult:
         raise ValueError("give duration_s and/or max_streams")
     prompts = list(config.prompts) or default_prompts()
     n_channels = max(1, math.ceil(config.concurrency / STREAMS_PER_CHANNEL))
-    channels = [grpc.aio.insecure_channel(config.address) for _ in range(n_channels)]
-    stubs = [pb.serving_grpc.ServingServiceStub(c) for c in channels]
+    open_channels = [channels.aio_channel(config.address) for _ in range(n_channels)]
+    stubs = [pb.serving_grpc.ServingServiceStub(c) for c in open_channels]
     sampling = pb.common.SamplingParams(
         max_tokens=config.max_tokens,
         temperature=config.temperature,
@@ -254,6 +254,6 @@ async def run_loadtest(config: LoadtestConfig) -> LoadtestResult:
                 swap_task.cancel()
             await asyncio.gather(swap_task, return_exceptions=True)
     finally:
-        for channel in channels:
+        for channel in open_channels:
             await channel.close()
     return LoadtestResult(config, started, time.perf_counter(), records, swaps)

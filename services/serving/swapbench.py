@@ -22,9 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from services.common import pb
+from services.common import channels, pb
 from services.common.metrics import read_metrics
 from services.common.registry import Checkpoint, Registry
 from services.common.settings import KafkaSettings, distillery_home
@@ -232,7 +230,7 @@ async def _load_and_swap(
         )
     )
     swaps: list[dict[str, Any]] = []
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with channels.aio_channel(address) as channel:
         stub = pb.serving_grpc.ServingServiceStub(channel)
         await asyncio.sleep(config.warmup_s + config.steady_s)
         for previous, ckpt in itertools.pairwise(ckpts):

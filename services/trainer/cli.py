@@ -51,9 +51,9 @@ def serve(
 def _call(address: str, method: str, request: Any) -> Any:
     import grpc
 
-    from services.common import pb
+    from services.common import channels, pb
 
-    with grpc.insecure_channel(address) as channel:
+    with channels.channel(address) as channel:
         stub = pb.trainer_grpc.TrainerServiceStub(channel)
         try:
             return getattr(stub, method)(request, timeout=120)
@@ -140,9 +140,9 @@ def watch(run_id: Annotated[str, typer.Argument()], address: Address = DEFAULT_A
     import grpc
     from google.protobuf import json_format
 
-    from services.common import pb
+    from services.common import channels, pb
 
-    with grpc.insecure_channel(address) as channel:
+    with channels.channel(address) as channel:
         stub = pb.trainer_grpc.TrainerServiceStub(channel)
         try:
             for response in stub.WatchRun(pb.trainer.WatchRunRequest(run_id=run_id)):
