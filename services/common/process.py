@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import channels
+from services.common.security import TlsSettings
 
 
 class ServiceFailed(RuntimeError):
@@ -78,6 +79,8 @@ class ServiceProcess:
     #: Scheduling niceness (0-19) for the process and the engine processes it starts: lets co-located services yield
     #: the CPU to one that matters more.
     nice: int = 0
+    #: TLS of the readiness check; None: from `DISTILLERY_TLS_*`, as the child reads its own.
+    client_tls: TlsSettings | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -123,7 +126,7 @@ class ServiceProcess:
     def wait_healthy(self, timeout_s: float) -> None:
         """Polls grpc.health.v1 until SERVING; fails early when the process dies."""
         deadline = time.monotonic() + timeout_s
-        with channels.channel(self.address) as channel:
+        with channels.channel(self.address, tls=self.client_tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 self.check_alive()

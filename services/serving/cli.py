@@ -85,8 +85,19 @@ def bench(
         bool,
         typer.Option(help="Capacity probes end each stream with the model's answer (for trained models)."),
     ] = False,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="Instead: tokens/s of the student over plain text vs over mTLS with a token, at --streams.",
+        ),
+    ] = False,
+    streams: Annotated[int, typer.Option(min=1, help="With --tls: concurrent streams.")] = 64,
+    rounds: Annotated[int, typer.Option(min=1, help="With --tls: plain/TLS pairs to run.")] = 1,
+    enforce_eager: Annotated[bool, typer.Option(help="Skip torch.compile in the engines (faster start).")] = False,
 ) -> None:
-    """`distillery bench serving`: streams at the 238 wpm reading target, student vs teacher, through the service."""
+    """`distillery bench serving`: streams at the 238 wpm reading target, student vs teacher, through the service.
+    With --tls: what TLS costs in tokens/s."""
     from services.common.models import ModelError
     from services.serving.bench import check_model_folders, default_config, run_serving_bench
 
@@ -99,12 +110,23 @@ def bench(
         student_dir=student.resolve() if student else None,
         teacher_dir=teacher.resolve() if teacher else None,
         capacity_stop_at_eos=stop_at_eos,
+        enforce_eager=enforce_eager,
     )
     try:
         check_model_folders(config)
     except ModelError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    typer.echo(json.dumps(asyncio.run(run_serving_bench(config)), indent=None if json_output else 2))
+    if tls:
+        from services.serving.tlsbench import TlsBenchConfig, run_tls_bench
+
+        tls_config = TlsBenchConfig(config, streams=streams, probe_s=probe_s, rounds=rounds)
+        try:
+            result = asyncio.run(run_tls_bench(tls_config))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    else:
+        result = asyncio.run(run_serving_bench(config))
+    typer.echo(json.dumps(result, indent=None if json_output else 2))
 
 
 def bench_swap(

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from services.common import channels, pb
+from services.common.security import AuthSettings, TlsSettings
 from services.common.settings import READING_TARGET_WPM
 from services.serving.metrics import count_words, words_per_minute
 
@@ -48,6 +49,10 @@ class LoadtestConfig:
     """Streams with fewer tokens than this get no words-per-minute figure."""
     think_s: float = 0.0
     """Pause of each simulated client between its streams (0: back to back, for capacity measurements)."""
+    tls: TlsSettings | None = None
+    """Client TLS; None: from `DISTILLERY_TLS_*`."""
+    auth: AuthSettings | None = None
+    """Client token; None: from `DISTILLERY_AUTH_*`."""
 
 
 @dataclass
@@ -191,7 +196,7 @@ async def run_loadtest(config: LoadtestConfig) -> LoadtestResult:
         raise ValueError("give duration_s and/or max_streams")
     prompts = list(config.prompts) or default_prompts()
     n_channels = max(1, math.ceil(config.concurrency / STREAMS_PER_CHANNEL))
-    open_channels = [channels.aio_channel(config.address) for _ in range(n_channels)]
+    open_channels = [channels.aio_channel(config.address, tls=config.tls, auth=config.auth) for _ in range(n_channels)]
     stubs = [pb.serving_grpc.ServingServiceStub(c) for c in open_channels]
     sampling = pb.common.SamplingParams(
         max_tokens=config.max_tokens,

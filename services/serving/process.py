@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.process import ServiceProcess, free_port
+from services.common.security import TlsSettings
 
 __all__ = ["free_port", "serving_process"]
 
@@ -25,11 +26,14 @@ async def serving_process(
     metrics_port: int | None = None,
     *,
     return_process: bool = False,
+    client_tls: TlsSettings | None = None,
 ) -> AsyncIterator[Any]:
     """Starts the service with `DISTILLERY_SERVING_*` (and other) variables from `env`; yields its gRPC address
     (and the `ServiceProcess`, with `return_process`) once health says SERVING; stops it with SIGTERM (then SIGKILL
-    to its process group)."""
-    proc = ServiceProcess("serving", dict(env), log_path, metrics_port=metrics_port or free_port())
+    to its process group). `client_tls`: how the readiness check reaches a TLS service (default: the environment)."""
+    proc = ServiceProcess(
+        "serving", dict(env), log_path, metrics_port=metrics_port or free_port(), client_tls=client_tls
+    )
     proc.start()
     try:
         await asyncio.to_thread(proc.wait_healthy, start_timeout_s)

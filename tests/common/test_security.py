@@ -13,10 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common import channels, pb
 from services.common.auth import ADMIN_METHODS, READ_ONLY_METHODS
 from services.common.grpc_server import GrpcServer
+from services.common.pki import Pki, make_pki
 from services.common.process import free_port
 from services.common.security import AuthSettings, SecurityError, TlsSettings
 from services.common.settings import ServiceSettings
-from tests.certs import Pki, make_pki
 
 ADMIN = "admin-token-0123456789abcdef"
 READ = "read-token-0123456789abcdef"

@@ -9,10 +9,10 @@ import grpc
 import pytest
 
 from services.common import channels, pb
+from services.common.pki import make_pki
 from services.common.process import ServiceProcess
 from services.common.security import AuthSettings, TlsSettings
 from services.common.settings import KafkaSettings
-from tests.certs import make_pki
 
 ADMIN = "e2e-admin-token-0123456789"
 READ = "e2e-read-token-0123456789"

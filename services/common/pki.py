@@ -1,4 +1,5 @@
-"""Test PKI made with `cryptography`: a CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+"""A throwaway PKI made with `cryptography` (tests and `distillery bench serving --tls`): a CA, a server certificate
+for 127.0.0.1 and localhost, a client certificate, and an unrelated second CA. Not for production certificates."""
 
 from __future__ import annotations
 
