@@ -246,7 +246,57 @@ PROMETHEUS_RULE = resource(
 )
 
 #: (apiVersion, kind) → schema.
+# cert-manager.io/v1 (cert-manager 1.x): the Issuer kinds and Certificate fields the security component uses.
+ISSUER_REF = strict({"name": {"type": "string"}, "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+                     "group": {"type": "string"}}, ["name"])  # fmt: skip
+ISSUER = resource(
+    strict(
+        {
+            "selfSigned": strict({"crlDistributionPoints": {"type": "array", "items": {"type": "string"}}}),
+            "ca": strict({"secretName": {"type": "string"}}, ["secretName"]),
+        }
+    )
+)
+CERTIFICATE = resource(
+    strict(
+        {
+            "secretName": {"type": "string"},
+            "commonName": {"type": "string", "maxLength": 64},
+            "isCA": {"type": "boolean"},
+            "duration": {"type": "string"},
+            "renewBefore": {"type": "string"},
+            "dnsNames": {"type": "array", "items": {"type": "string"}},
+            "ipAddresses": {"type": "array", "items": {"type": "string"}},
+            "usages": {
+                "type": "array",
+                "items": {
+                    "enum": [
+                        "digital signature",
+                        "key encipherment",
+                        "server auth",
+                        "client auth",
+                        "cert sign",
+                        "crl sign",
+                    ]
+                },
+            },
+            "privateKey": strict(
+                {
+                    "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                    "size": {"type": "integer"},
+                    "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                    "rotationPolicy": {"enum": ["Never", "Always"]},
+                }
+            ),
+            "issuerRef": ISSUER_REF,
+        },
+        ["secretName", "issuerRef"],
+    )
+)
+
 SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("cert-manager.io/v1", "Issuer"): ISSUER,
+    ("cert-manager.io/v1", "Certificate"): CERTIFICATE,
     ("kafka.strimzi.io/v1beta2", "Kafka"): KAFKA,
     ("kafka.strimzi.io/v1beta2", "KafkaNodePool"): KAFKA_NODE_POOL,
     ("kafka.strimzi.io/v1beta2", "KafkaTopic"): KAFKA_TOPIC,

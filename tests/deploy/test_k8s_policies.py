@@ -56,12 +56,14 @@ def test_probes_ports_and_settings_agree(kubectl: str, overlay: str) -> None:
         pod = deployment["spec"]["template"]
         container = pod["spec"]["containers"][0]
         assert container["args"] == [name, "serve"]
-        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": grpc_port, "metrics": metrics_port}
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == grpc_port, f"{name} {probe}"
-        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port)
         env = env_of(objects, deployment)
+        # With TLS on the gRPC port (the security component), probes use the plain-text health-only port.
+        health = env.get("DISTILLERY_TLS_HEALTH_PORT")
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"grpc": grpc_port, "metrics": metrics_port, **({"health": int(health)} if health else {})}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == (int(health) if health else grpc_port), f"{name} {probe}"
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port)
         prefix = f"DISTILLERY_{name.upper()}_"
         assert env[prefix + "HOST"] == "0.0.0.0"
         assert env[prefix + "GRPC_PORT"] == str(grpc_port)
