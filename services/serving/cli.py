@@ -93,7 +93,7 @@ def bench(
         ),
     ] = False,
     streams: Annotated[int, typer.Option(min=1, help="With --tls: concurrent streams.")] = 64,
-    rounds: Annotated[int, typer.Option(min=1, help="With --tls: plain/TLS pairs to run.")] = 1,
+    rounds: Annotated[int, typer.Option(min=1, help="With --tls: alternating plain/TLS probe pairs.")] = 3,
     enforce_eager: Annotated[bool, typer.Option(help="Skip torch.compile in the engines (faster start).")] = False,
 ) -> None:
     """`distillery bench serving`: streams at the 238 wpm reading target, student vs teacher, through the service.

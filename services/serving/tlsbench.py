@@ -1,14 +1,16 @@
 """`distillery bench serving --tls`: serving tokens/s at 64 streams over plain text and over mTLS with a token, one run.
 
-Two `distillery serving serve` processes in turn, on the same model and engine settings: the first plain text, the
-second with a server certificate, client certificates required (mTLS) and the admin token checked on every call; the
-load generator connects to each the same way clients would. Each gets a short warm-up, then one measured probe of
-`probe_s` seconds at `streams` concurrent fixed-length streams; with `rounds` > 1 the pair repeats (plain, TLS, plain,
-TLS, ...) and the ratio uses the sums. The certificates are a throwaway CA made for the run.
+Two `distillery serving serve` processes on the same model and engine settings, both up for the whole run: one plain
+text, one with a server certificate, client certificates required (mTLS) and the admin token checked on every call.
+The load generator connects to each as clients would. After a warm-up of each, probes of `probe_s` seconds at
+`streams` concurrent fixed-length streams alternate between them (plain, TLS, plain, TLS, ... `rounds` pairs), so
+load from anything else on the machine falls on both alike; the ratio uses the summed tokens. Only one process has
+load at a time. The certificates come from a throwaway CA made for the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
@@ -27,9 +29,9 @@ from services.serving.process import serving_process
 class TlsBenchConfig:
     serving: ServingBenchConfig
     streams: int = 64
-    probe_s: float = 30.0
+    probe_s: float = 10.0
     warmup_s: float = 5.0
-    rounds: int = 1
+    rounds: int = 3
 
 
 def _check_environment() -> None:
@@ -39,33 +41,24 @@ def _check_environment() -> None:
         raise ValueError(f"unset {', '.join(set_here)}: the benchmark sets TLS and tokens itself")
 
 
-async def _measure(
-    config: TlsBenchConfig, model: Path, env: dict[str, str], tls: TlsSettings, auth: AuthSettings, name: str
-) -> dict[str, Any]:
+def _load(config: TlsBenchConfig, address: str, tls: TlsSettings, auth: AuthSettings, seconds: float) -> LoadtestConfig:
     cfg = config.serving
-    log = cfg.home / "bench" / f"serving-{name}.log"
-    started = time.monotonic()
-    async with serving_process({**service_env(cfg, model), **env}, log, client_tls=tls) as address:
-        start_s = time.monotonic() - started
+    return LoadtestConfig(
+        address=address,
+        concurrency=config.streams,
+        duration_s=seconds,
+        max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature,
+        ignore_eos=True,
+        prompts=cfg.prompts,
+        tls=tls,
+        auth=auth,
+    )
 
-        def load(duration_s: float) -> LoadtestConfig:
-            return LoadtestConfig(
-                address=address,
-                concurrency=config.streams,
-                duration_s=duration_s,
-                max_tokens=cfg.max_tokens,
-                temperature=cfg.temperature,
-                ignore_eos=True,
-                prompts=cfg.prompts,
-                tls=tls,
-                auth=auth,
-            )
 
-        if config.warmup_s > 0:
-            await run_loadtest(load(config.warmup_s))
-        summary = (await run_loadtest(load(config.probe_s))).summary()
+def _row(mode: str, summary: dict[str, Any]) -> dict[str, Any]:
     keys = ("tokens_per_s", "wpm_p50", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99", "failed", "streams")
-    return {"mode": name, "engine_start_s": round(start_s, 1), **{k: summary[k] for k in keys}}
+    return {"mode": mode, **{k: summary[k] for k in keys}}
 
 
 async def run_tls_bench(config: TlsBenchConfig) -> dict[str, Any]:
@@ -90,9 +83,24 @@ async def run_tls_bench(config: TlsBenchConfig) -> dict[str, Any]:
             "DISTILLERY_AUTH_ADMIN_TOKEN": token,
         }
         secure_tls = TlsSettings(ca=pki.ca, client_cert=pki.client_cert, client_key=pki.client_key)
-        for _ in range(config.rounds):
-            runs.append(await _measure(config, model, {}, TlsSettings(), AuthSettings(), "plaintext"))
-            runs.append(await _measure(config, model, secure_env, secure_tls, AuthSettings(token=token), "tls"))
+        modes = {
+            "plaintext": ({}, TlsSettings(), AuthSettings()),
+            "tls": (secure_env, secure_tls, AuthSettings(token=token)),
+        }
+        async with contextlib.AsyncExitStack() as stack:
+            addresses = {}
+            for mode, (env, tls, _) in modes.items():
+                log = cfg.home / "bench" / f"serving-{mode}.log"
+                addresses[mode] = await stack.enter_async_context(
+                    serving_process({**service_env(cfg, model), **env}, log, client_tls=tls)
+                )
+            for mode, (_, tls, auth) in modes.items():
+                if config.warmup_s > 0:
+                    await run_loadtest(_load(config, addresses[mode], tls, auth, config.warmup_s))
+            for _ in range(config.rounds):
+                for mode, (_, tls, auth) in modes.items():
+                    result = await run_loadtest(_load(config, addresses[mode], tls, auth, config.probe_s))
+                    runs.append(_row(mode, result.summary()))
     plain = sum(r["tokens_per_s"] or 0 for r in runs if r["mode"] == "plaintext")
     secure = sum(r["tokens_per_s"] or 0 for r in runs if r["mode"] == "tls")
     return {
