@@ -48,12 +48,24 @@ def serve(
         raise typer.Exit(1) from None
 
 
+def _channel(address: str) -> Any:
+    """A channel secured by `DISTILLERY_TLS_*` / `DISTILLERY_AUTH_*`; unusable settings end the command plainly."""
+    from services.common import channels
+    from services.common.security import SecurityError
+
+    try:
+        return channels.channel(address)
+    except SecurityError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
 def _call(address: str, method: str, request: Any) -> Any:
     import grpc
 
-    from services.common import channels, pb
+    from services.common import pb
 
-    with channels.channel(address) as channel:
+    with _channel(address) as channel:
         stub = pb.trainer_grpc.TrainerServiceStub(channel)
         try:
             return getattr(stub, method)(request, timeout=120)
@@ -140,9 +152,9 @@ def watch(run_id: Annotated[str, typer.Argument()], address: Address = DEFAULT_A
     import grpc
     from google.protobuf import json_format
 
-    from services.common import channels, pb
+    from services.common import pb
 
-    with channels.channel(address) as channel:
+    with _channel(address) as channel:
         stub = pb.trainer_grpc.TrainerServiceStub(channel)
         try:
             for response in stub.WatchRun(pb.trainer.WatchRunRequest(run_id=run_id)):
