@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -197,3 +198,17 @@ def test_settings_validation(tmp_path: Path, pki: Pki) -> None:
     assert AuthSettings(admin_token_file=token_file).client_token() == ADMIN
     with pytest.raises(SecurityError, match="cannot be read"):
         TlsSettings(ca=tmp_path / "missing.crt").channel_credentials()
+
+
+def test_every_client_channel_comes_from_the_factory() -> None:
+    """One place makes channels, so one set of variables secures every client; a new client must use it too."""
+    root = Path(__file__).resolve().parents[2] / "services"
+    pattern = re.compile(r"grpc\.(aio\.)?(insecure|secure)_channel\(")
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if "gen" not in path.relative_to(root).parts[:2]
+        and path.name != "channels.py"
+        and pattern.search(path.read_text())
+    ]
+    assert offenders == []
