@@ -3,7 +3,7 @@
 Two `distillery serving serve` processes on the same model and engine settings, both up for the whole run: one plain
 text, one with a server certificate, client certificates required (mTLS) and the admin token checked on every call.
 The load generator connects to each as clients would. After a warm-up of each, probes of `probe_s` seconds at
-`streams` concurrent fixed-length streams alternate between them (plain, TLS, plain, TLS, ... `rounds` pairs), so
+`streams` concurrent fixed-length streams alternate between them (plain, TLS, TLS, plain, ... `rounds` pairs), so
 load from anything else on the machine falls on both alike; the ratio uses the summed tokens. Only one process has
 load at a time. The certificates come from a throwaway CA made for the run.
 """
@@ -97,8 +97,10 @@ async def run_tls_bench(config: TlsBenchConfig) -> dict[str, Any]:
             for mode, (_, tls, auth) in modes.items():
                 if config.warmup_s > 0:
                     await run_loadtest(_load(config, addresses[mode], tls, auth, config.warmup_s))
-            for _ in range(config.rounds):
-                for mode, (_, tls, auth) in modes.items():
+            for i in range(config.rounds):
+                # ABBA order: a drift in background load does not always favour the mode that goes first.
+                for mode in ("plaintext", "tls") if i % 2 == 0 else ("tls", "plaintext"):
+                    _, tls, auth = modes[mode]
                     result = await run_loadtest(_load(config, addresses[mode], tls, auth, config.probe_s))
                     runs.append(_row(mode, result.summary()))
     plain = sum(r["tokens_per_s"] or 0 for r in runs if r["mode"] == "plaintext")
