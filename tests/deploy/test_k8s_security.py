@@ -65,3 +65,15 @@ def test_the_certificate_chain_is_issued_in_the_namespace(kubectl: str) -> None:
 def test_plain_text_overlays_say_so(kubectl: str, overlay: str) -> None:
     security = config_map(render(kubectl, f"overlays/{overlay}"), "security-config")
     assert security == {"DISTILLERY_TLS_ALLOW_INSECURE": "true"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_security_config_keys_are_settings_fields(kubectl: str, overlay: str) -> None:
+    """A misspelt key would be ignored silently (`extra="ignore"`): look each one up."""
+    for key in config_map(render(kubectl, f"overlays/{overlay}"), "security-config"):
+        for prefix, cls in (("DISTILLERY_TLS_", TlsSettings), ("DISTILLERY_AUTH_", AuthSettings)):
+            if key.startswith(prefix):
+                assert key[len(prefix) :].lower() in cls.model_fields, key
+                break
+        else:
+            pytest.fail(f"security-config sets {key}, which no distillery settings read")
