@@ -7,6 +7,7 @@ first (the service drains gracefully), SIGKILL to its process group after a grac
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +57,34 @@ def free_port(low: int = 20000) -> int:
     with socket.socket() as sock:  # every candidate taken: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Asks Linux to send `sig` to this process when its parent (the thread that forked it) dies, also by kill -9.
+    Returns False where prctl is unavailable (not Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A `preexec_fn` for `subprocess.Popen`: the child gets `sig` when the process that started it dies.
+
+    Popen must be called from a thread that lives as long as the child should (Linux ties the signal to the forking
+    thread); our callers start children from their main thread."""
+    parent = os.getpid()
+
+    def _preexec() -> None:
+        set_parent_death_signal(sig)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return _preexec
 
 
 def tail(path: Path, lines: int = 25) -> str:
