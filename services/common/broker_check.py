@@ -1,8 +1,9 @@
 """`distillery broker check`: does a Kafka-protocol broker give the semantics this project relies on?
 
-Produce/consume, the idempotent producer, consumer-group rebalances, committed offsets, ListOffsets, headers, Debian's
-kcat and — when the check started the broker itself — that a kill -9 and restart keep every acknowledged record and
-committed offset. Each check reports pass, fail or skip with a reason; nothing here is tied to one broker.
+Produce/consume, the idempotent producer, consumer-group rebalances (also after a member is killed), committed
+offsets, ListOffsets, headers, Debian's kcat and — when the check started the broker itself — that a kill -9 and
+restart keep every acknowledged record and committed offset. Each check reports pass, fail or skip with a reason;
+nothing here is tied to one broker.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -320,6 +322,45 @@ class Checker:
         wrong = sum(1 for tp in tps if committed.get(tp.partition) != commits[tp])
         return lost, len(acked), wrong, len(commits)
 
+    def check_dead_member(self) -> str:
+        """A member killed with SIGKILL never leaves the group: its session must expire and a new member take over
+        (what a crashed service needs: its replacement joins while the old member still holds the partitions)."""
+        topic = self.topic("dead-member")
+        group = f"check-{self.run_id}-dead"
+        member = (
+            "import sys\n"
+            "from kafka import KafkaConsumer\n"
+            f"c = KafkaConsumer(bootstrap_servers={self.bootstrap!r}, group_id={group!r}, enable_auto_commit=False,"
+            f" session_timeout_ms={SESSION_TIMEOUT_MS}, heartbeat_interval_ms={HEARTBEAT_MS},"
+            f" request_timeout_ms={SESSION_TIMEOUT_MS + 5_000})\n"
+            f"c.subscribe([{topic!r}])\n"
+            "while not c.assignment():\n    c.poll(timeout_ms=200)\n"
+            "print(len(c.assignment()), flush=True)\n"
+            "while True:\n    c.poll(timeout_ms=200)\n"
+        )
+        proc = subprocess.Popen([sys.executable, "-c", member], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().strip()
+            _require(line == str(PARTITIONS), f"the first member did not get the partitions ({line!r})")
+        finally:
+            proc.kill()
+            proc.wait(10)
+        limit_s = 30.0
+        consumer = self.consumer(group_id=group)
+        start = time.monotonic()
+        try:
+            consumer.subscribe([topic])
+            while len(consumer.assignment()) < PARTITIONS and time.monotonic() - start < limit_s:
+                consumer.poll(timeout_ms=200)
+            got = len(consumer.assignment())
+        finally:
+            consumer.close()
+        took = time.monotonic() - start
+        _require(got == PARTITIONS, f"{took:.0f}s after a member was killed, a new member holds {got} of {PARTITIONS}"
+                 f" partitions (session timeout {SESSION_TIMEOUT_MS} ms)")  # fmt: skip
+        return f"a member was killed with SIGKILL; a new member got all {PARTITIONS} partitions after {took:.1f}s"
+
     def check_restart_durability(self) -> str:
         if self.restart is None:
             raise _Skip("the check did not start this broker, so it cannot kill and restart it")
@@ -369,6 +410,7 @@ class Checker:
             ("list-offsets", self.check_list_offsets),
             ("committed-offsets", self.check_committed_offsets),
             ("group-rebalance", self.check_rebalance),
+            ("dead-member", self.check_dead_member),
             ("kcat", self.check_kcat),
             ("restart-durability", self.check_restart_durability),  # last: it kills the broker
         ]

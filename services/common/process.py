@@ -2,6 +2,7 @@
 
 Each process leads its own process group, so stopping it can also reach the vLLM engine processes it started: SIGTERM
 first (the service drains gracefully), SIGKILL to its process group after a grace period. Nothing else is signalled.
+A child gets SIGKILL when its starter dies (PR_SET_PDEATHSIG), so a killed demo or benchmark leaves no orphans.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +89,35 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
     return _preexec
 
 
+def exit_when_parent_dies(
+    parent: int | None = None, poll_s: float = 0.5, sig: int = signal.SIGKILL
+) -> threading.Thread:
+    """A daemon thread that sends `sig` to this process once `parent` (default: the current parent) is no longer its
+    parent: it died and this process was re-parented to init or a subreaper. For processes started by threads that
+    may end before them, where PR_SET_PDEATHSIG would fire too early (it follows the forking thread, not the
+    process). Pass the starter's PID when it may have died before this call."""
+    expected = os.getppid() if parent is None else parent
+
+    def _watch() -> None:
+        while os.getppid() == expected:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), sig)
+
+    thread = threading.Thread(target=_watch, name="parent-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+def install_sigterm_as_interrupt() -> None:
+    """SIGTERM (what `timeout` and `kill` send) stops a command the way Ctrl-C does: as a KeyboardInterrupt, so the
+    `finally` blocks stop every process it started."""
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -139,6 +170,8 @@ class ServiceProcess:
                 # Its own process group (Ctrl-C in the terminal reaches the demo, which stops us in order) but the
                 # caller's session: Linux schedules sessions as autogroups, between which `nice` does nothing.
                 process_group=0,
+                # And it dies with the demo or benchmark that started it, also when that is killed with SIGKILL.
+                preexec_fn=die_with_parent(),
             )
 
     def check_alive(self) -> None:
