@@ -64,25 +64,32 @@ def free_port(low: int = 20000) -> int:
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
+def _prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
     """Asks Linux to send `sig` to this process when its parent (the thread that forked it) dies, also by kill -9.
     Returns False where prctl is unavailable (not Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
+    prctl = _prctl()
+    return prctl is not None and int(prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
     """A `preexec_fn` for `subprocess.Popen`: the child gets `sig` when the process that started it dies.
 
     Popen must be called from a thread that lives as long as the child should (Linux ties the signal to the forking
-    thread); our callers start children from their main thread."""
+    thread); our callers start children from their main thread. prctl is looked up here, before the fork, so the
+    child only makes the call."""
     parent = os.getpid()
+    prctl = _prctl()
 
     def _preexec() -> None:
-        set_parent_death_signal(sig)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os.kill(os.getpid(), sig)
 
