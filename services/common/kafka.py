@@ -151,6 +151,9 @@ class Received(Generic[M]):
     value: M | None = None
     error: str | None = None
     timestamp_ms: int = 0
+    #: The dead letter's `error_type` when `error` is set: "schema" (header missing or names another message),
+    #: "malformed" (does not parse) or "invalid" (parses, fails the consumer's validation).
+    error_type: str = "malformed"
 
     @property
     def tp(self) -> TopicPartition:
@@ -162,25 +165,32 @@ Validator = Callable[[Any], None]
 
 def decode(
     message_type: type[M], raw: bytes, headers: Mapping[str, str], validate: Validator | None = None
-) -> tuple[M | None, str | None]:
-    """Parses `raw` as `message_type`; returns (message, None) or (None, reason)."""
+) -> tuple[M | None, str | None, str]:
+    """Parses `raw` as `message_type`: (message, None, _) or (None, reason, kind of failure — `Received.error_type`).
+
+    A record must name its message type in the `schema` header: protobuf bytes of one message often parse as
+    another (a CheckpointEvent parses as a PromptRecord), so a record without the header is refused, not guessed.
+    """
+    want = message_type.DESCRIPTOR.full_name
     schema = headers.get(SCHEMA_HEADER)
-    if schema is not None and schema != message_type.DESCRIPTOR.full_name:
-        return None, f"schema header {schema!r} is not {message_type.DESCRIPTOR.full_name!r}"
+    if schema is None:
+        return None, f"no {SCHEMA_HEADER!r} header: a record must name its message type ({want!r})", "schema"
+    if schema != want:
+        return None, f"schema header {schema!r} is not {want!r}", "schema"
     version = headers.get(SCHEMA_VERSION_HEADER)
     if version is not None and version != SCHEMA_VERSION:
-        return None, f"schema-version header {version!r} is not {SCHEMA_VERSION!r}"
+        return None, f"schema-version header {version!r} is not {SCHEMA_VERSION!r}", "schema"
     message = message_type()
     try:
         message.ParseFromString(raw)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        return None, f"not a valid {message_type.DESCRIPTOR.full_name}: {exc}"
+        return None, f"not a valid {want}: {exc}", "malformed"
     if validate is not None:
         try:
             validate(message)
         except ValueError as exc:
-            return None, f"invalid {message_type.DESCRIPTOR.full_name}: {exc}"
-    return message, None
+            return None, f"invalid {want}: {exc}", "invalid"
+    return message, None, "malformed"
 
 
 class ProtoConsumer(Generic[M]):
@@ -237,7 +247,7 @@ class ProtoConsumer(Generic[M]):
             for rec in records:
                 headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (rec.headers or [])}
                 raw = rec.value or b""
-                value, error = decode(self.message_type, raw, headers, self.validate)
+                value, error, error_type = decode(self.message_type, raw, headers, self.validate)
                 out.append(
                     Received(
                         topic=tp.topic,
@@ -249,6 +259,7 @@ class ProtoConsumer(Generic[M]):
                         value=value,
                         error=error,
                         timestamp_ms=rec.timestamp or 0,
+                        error_type=error_type,
                     )
                 )
         return out

@@ -186,7 +186,7 @@ class PromptWorker:
     async def _handle(self, record: Record, offsets: PartitionOffsets) -> None:
         """One prompt record, start to finish; returns normally once its offset may be committed."""
         if record.value is None:
-            await self._dead_letter(record, record.error or "undecodable", "malformed")
+            await self._dead_letter(record, record.error or "undecodable", record.error_type)
         else:
             try:
                 await self._generate_and_publish(record, record.value)

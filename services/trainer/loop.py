@@ -49,7 +49,7 @@ from services.trainer.checkpoint import (
 from services.trainer.device import bf16_is_fast, resolve_device
 from services.trainer.evalset import EvalSet
 from services.trainer.evaluate import EvalResult, evaluate
-from services.trainer.intake import Intake, validate_sample
+from services.trainer.intake import Intake, needs_top_k, sample_validator
 from services.trainer.onpolicy import OnPolicySampler
 from services.trainer.settings import TrainerSettings
 from services.trainer.spec import loss_weights, to_json
@@ -187,13 +187,16 @@ class TrainingRun:
             offsets = {int(p): int(o) for p, o in resume.checkpoint.manifest.kafka_offsets.get(self.topic, {}).items()}
             state = resume.state
         listener = SeekOnAssign(offsets)
+        # Token ids are checked against the embedding they will index (the vocabulary is never pruned): an id past
+        # it is a dead letter, not an IndexError that fails every run re-reading the topic.
+        vocab_size = int(self.teacher_config.get("vocab_size") or len(self.tokenizer))
         self.consumer: ProtoConsumer[pb.common.TeacherSample] = ProtoConsumer(
             self.settings.kafka,
             self.topic,
             pb.common.TeacherSample,
             group_id=f"{self.settings.group_prefix}.{s.run_id}",
             client_name=f"trainer-{s.run_id}",
-            validate=validate_sample,
+            validate=sample_validator(vocab_size, needs_top_k(s)),
             listener=listener,
         )
         listener.consumer = self.consumer.kafka
