@@ -100,6 +100,11 @@ class ServiceSettings(BaseSettings):
     max_concurrent_rpcs: int = Field(256, ge=1, le=100_000)
     """Requests beyond this are refused with RESOURCE_EXHAUSTED by gRPC itself."""
     kafka: KafkaSettings = Field(default_factory=lambda: KafkaSettings())
+    kafka_unavailable_s: float = Field(15.0, gt=0, le=3600)
+    """A Kafka-bound service (trainer, teacher worker) reports NOT_SERVING on gRPC health once Kafka has been
+    unreachable this long, and SERVING again as soon as it is back. Serving ignores it: it keeps serving its model."""
+    kafka_check_interval_s: float = Field(2.0, gt=0, le=600)
+    """How often a Kafka-bound service checks the broker (and recreates topics that are missing)."""
 
     @property
     def registry(self) -> Path:

@@ -26,6 +26,7 @@ import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 from kafka import TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 
 from services.common import pb
 from services.common.kafka import DeadLetterWriter, ProtoConsumer, ProtoProducer, Received
@@ -487,15 +488,23 @@ class TrainingRun:
         self._last_ckpt_step = self.step
         metrics.CHECKPOINTS_WRITTEN.inc()
         promote, why = passes_gate(scores, self.spec.gate, metric, last_promoted_of_task(self.registry, self.spec.task))
+        # Announce, then mark promoted: the registry lists a promotion only once the broker acknowledged its event,
+        # so serving (which follows the events) and the registry cannot disagree. The producer is rebuilt and the
+        # event resent across a broker restart; an announcement still failing after announce_timeout_s fails the run
+        # (it resumes from this checkpoint, unpromoted).
+        self.producer.send_and_wait(
+            self.settings.kafka.topic_checkpoints, self.spec.run_id, checkpoint_event(ckpt, promote),
+            timeout_s=self.settings.announce_timeout_s,
+        )  # fmt: skip
         if promote:
             self.registry.promote(ckpt)
             metrics.CHECKPOINTS_PROMOTED.inc()
             self.progress.promoted_version = ckpt.version
-        self.producer.send(
-            self.settings.kafka.topic_checkpoints, self.spec.run_id, checkpoint_event(ckpt, promote)
-        ).get(timeout=self.settings.announce_timeout_s)
-        # Informational for lag tools: resume always seeks to the manifest's offsets, not to these.
-        self.consumer.commit({TopicPartition(self.topic, int(p)): o for p, o in offsets.items()})
+        try:
+            # Informational for lag tools: resume always seeks to the manifest's offsets, not to these.
+            self.consumer.commit({TopicPartition(self.topic, int(p)): o for p, o in offsets.items()})
+        except KafkaError as exc:  # a broker restart or a rebalance: the next checkpoint commits again
+            logger.warning("offset commit failed", extra={"run_id": self.spec.run_id, "error": repr(exc)})
         self.progress.last_checkpoint_version = ckpt.version
         logger.info(
             "checkpoint written",
