@@ -28,9 +28,10 @@ pytestmark = pytest.mark.timeout(240)
 N = 40
 
 
-async def _health(address: str) -> int:
+async def _health(address: str, service: str = "") -> int:
     async with grpc.aio.insecure_channel(address) as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply = await health_pb2_grpc.HealthStub(channel).Check(request, timeout=2)
         return int(reply.status)
 
 
@@ -78,6 +79,8 @@ async def test_broker_kill_and_restart(tiny_teacher: Path, tmp_path: Path) -> No
 
         _kill9(state)
         down_s = await _poll_health(app.server.address, health_pb2.HealthCheckResponse.NOT_SERVING, 30)
+        # Liveness stays SERVING: a broker outage takes the trainer out of rotation, it does not get it restarted.
+        assert await _health(app.server.address, "liveness") == health_pb2.HealthCheckResponse.SERVING
         # Sends while the broker is down wait (and rebuild the producer) until it is back.
         send = app.producer.send_and_wait
         events = [pb.common.CheckpointEvent(version=v) for v in range(N // 2 + 1, N + 1)]
