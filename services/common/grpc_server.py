@@ -27,6 +27,9 @@ from services.common.settings import ServiceSettings
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: Health service name that says only "the process is alive" (for liveness probes): `set_serving` never changes it,
+#: so a service NOT_SERVING because a dependency (Kafka) is away is taken out of rotation, not restarted.
+LIVENESS = "liveness"
 
 
 class GrpcServer:
@@ -73,7 +76,7 @@ class GrpcServer:
             )
         if metrics:
             self.metrics_port = start_metrics_server(self.settings.host, self.settings.metrics_port, self.name)
-        for service in ["", *self._service_names]:
+        for service in ["", LIVENESS, *self._service_names]:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             "%s serving",

@@ -1,14 +1,18 @@
 """Typed Kafka plumbing over kafka-python: protobuf values, string keys, schema headers, dead letters.
 
 Producers wait for all in-sync replicas (`acks="all"`), are idempotent and compress; a record larger than
-`max_message_bytes` fails here, loudly, before the broker sees it. Consumers never auto-commit: callers
-commit offsets after their work is durable (at-least-once). Lag comes from the high-water mark carried in
-fetch responses, which every broker reports correctly.
+`max_message_bytes` fails here, loudly, before the broker sees it. An idempotent producer that lost its broker
+(a restart) is left in an error state by kafka-python (UnknownProducerIdError, a failed InitProducerId, expired
+batches): `send_and_wait` rebuilds it and sends again until its deadline — a resend may duplicate a record the broker
+had already written, which every consumer tolerates (records carry ids; consumers are at-least-once).
+Consumers never auto-commit: callers commit offsets after their work is durable (at-least-once). Lag comes from
+the high-water mark carried in fetch responses, which every broker reports correctly.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from services.common import pb
@@ -114,6 +118,9 @@ class ProtoProducer:
             **settings.client_security(),
         )
 
+        self._lock = threading.Lock()
+        self.rebuilds = 0
+
     def send(
         self,
         topic: str,
@@ -124,6 +131,54 @@ class ProtoProducer:
         """Queues one record and returns kafka-python's future (`.get(timeout)` waits for the broker's ack)."""
         value = message.SerializeToString()
         return self.send_raw(topic, key.encode(), value, schema_headers(message, headers))
+
+    def send_and_wait(
+        self,
+        topic: str,
+        key: str,
+        message: Message,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 30.0,
+    ) -> Any:
+        """Sends one record and waits for the broker's acknowledgement, rebuilding the producer and sending again
+        after a failure (a broker restart) until `timeout_s`; returns the record's metadata or raises the last error.
+        """
+        deadline = time.monotonic() + timeout_s
+        backoff = 0.2
+        while True:
+            generation = self.rebuilds
+            try:
+                return self.send(topic, key, message, headers).get(timeout=max(0.1, deadline - time.monotonic()))
+            except (RecordTooLarge, MessageSizeTooLargeError):
+                raise  # the record is the problem, not the producer
+            except KafkaError as exc:
+                if time.monotonic() + backoff >= deadline:
+                    raise
+                logger.warning("send failed; rebuilding the producer and sending again", extra={"error": repr(exc)})
+                time.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+                self.recover(generation)
+
+    def recover(self, seen: int | None = None) -> None:
+        """Replaces the producer with a fresh one (new producer id, new connections), same configuration.
+
+        kafka-python keeps an idempotent producer that met a fatal producer-id error failing every later send; only a
+        new producer gets a new id from the (restarted) broker. Records still queued in the old one are dropped:
+        callers resend what was not acknowledged. `seen`: the `rebuilds` count the caller's failed send went out
+        under; when another caller rebuilt since, nothing is done (many failed sends, one rebuild).
+        """
+        with self._lock:
+            if seen is not None and seen != self.rebuilds:
+                return
+            old = self._producer
+            # The running producer's own configuration (every constructor argument, security settings included).
+            config = {k: v for k, v in old.config.items() if k in KafkaProducer.DEFAULT_CONFIG}
+            try:
+                old.close(timeout=0)
+            except Exception:  # a producer in a fatal state may fail to close cleanly; it is dropped either way
+                logger.debug("closing the failed producer raised", exc_info=True)
+            self._producer = KafkaProducer(**config)
+            self.rebuilds += 1
 
     def send_raw(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
         if len(value) > self.max_bytes:
@@ -153,6 +208,9 @@ class Received(Generic[M]):
     value: M | None = None
     error: str | None = None
     timestamp_ms: int = 0
+    #: The dead letter's `error_type` when `error` is set: "schema" (header missing or names another message),
+    #: "malformed" (does not parse) or "invalid" (parses, fails the consumer's validation).
+    error_type: str = "malformed"
 
     @property
     def tp(self) -> TopicPartition:
@@ -164,25 +222,32 @@ Validator = Callable[[Any], None]
 
 def decode(
     message_type: type[M], raw: bytes, headers: Mapping[str, str], validate: Validator | None = None
-) -> tuple[M | None, str | None]:
-    """Parses `raw` as `message_type`; returns (message, None) or (None, reason)."""
+) -> tuple[M | None, str | None, str]:
+    """Parses `raw` as `message_type`: (message, None, _) or (None, reason, kind of failure — `Received.error_type`).
+
+    A record must name its message type in the `schema` header: protobuf bytes of one message often parse as
+    another (a CheckpointEvent parses as a PromptRecord), so a record without the header is refused, not guessed.
+    """
+    want = message_type.DESCRIPTOR.full_name
     schema = headers.get(SCHEMA_HEADER)
-    if schema is not None and schema != message_type.DESCRIPTOR.full_name:
-        return None, f"schema header {schema!r} is not {message_type.DESCRIPTOR.full_name!r}"
+    if schema is None:
+        return None, f"no {SCHEMA_HEADER!r} header: a record must name its message type ({want!r})", "schema"
+    if schema != want:
+        return None, f"schema header {schema!r} is not {want!r}", "schema"
     version = headers.get(SCHEMA_VERSION_HEADER)
     if version is not None and version != SCHEMA_VERSION:
-        return None, f"schema-version header {version!r} is not {SCHEMA_VERSION!r}"
+        return None, f"schema-version header {version!r} is not {SCHEMA_VERSION!r}", "schema"
     message = message_type()
     try:
         message.ParseFromString(raw)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        return None, f"not a valid {message_type.DESCRIPTOR.full_name}: {exc}"
+        return None, f"not a valid {want}: {exc}", "malformed"
     if validate is not None:
         try:
             validate(message)
         except ValueError as exc:
-            return None, f"invalid {message_type.DESCRIPTOR.full_name}: {exc}"
-    return message, None
+            return None, f"invalid {want}: {exc}", "invalid"
+    return message, None, "malformed"
 
 
 class ProtoConsumer(Generic[M]):
@@ -240,7 +305,7 @@ class ProtoConsumer(Generic[M]):
             for rec in records:
                 headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (rec.headers or [])}
                 raw = rec.value or b""
-                value, error = decode(self.message_type, raw, headers, self.validate)
+                value, error, error_type = decode(self.message_type, raw, headers, self.validate)
                 out.append(
                     Received(
                         topic=tp.topic,
@@ -252,6 +317,7 @@ class ProtoConsumer(Generic[M]):
                         value=value,
                         error=error,
                         timestamp_ms=rec.timestamp or 0,
+                        error_type=error_type,
                     )
                 )
         return out
@@ -328,7 +394,7 @@ class DeadLetterWriter:
             # Keep the reason and the coordinates even when the value itself is what was too big.
             letter.value = record.raw[: self.producer.max_bytes // 2]
             letter.reason = f"{reason} (value truncated from {len(record.raw)} bytes)"
-        self.producer.send(self.topic, key, letter, {"reason": reason[:200]}).get(timeout=30)
+        self.producer.send_and_wait(self.topic, key, letter, {"reason": reason[:200]}, timeout_s=30)
         self.sent += 1
         DEAD_LETTERS.labels(record.topic).inc()
         logger.warning(

@@ -145,6 +145,11 @@ class ServiceSettings(BaseSettings):
     """gRPC TLS and mTLS; read from `DISTILLERY_TLS_*`, shared with the clients of the same process tree."""
     auth: AuthSettings = Field(default_factory=lambda: AuthSettings())
     """gRPC bearer tokens; read from `DISTILLERY_AUTH_*`."""
+    kafka_unavailable_s: float = Field(15.0, gt=0, le=3600)
+    """A Kafka-bound service (trainer, teacher worker) reports NOT_SERVING on gRPC health once Kafka has been
+    unreachable this long, and SERVING again as soon as it is back. Serving ignores it: it keeps serving its model."""
+    kafka_check_interval_s: float = Field(2.0, gt=0, le=600)
+    """How often a Kafka-bound service checks the broker (and recreates topics that are missing)."""
 
     @property
     def registry(self) -> Path:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterator
 
@@ -104,13 +103,14 @@ class ServingApp:
                 logger.error("promoted checkpoint failed to load; trying an older one", extra={"error": str(exc)})
         logger.warning("no promoted checkpoint and no initial_model: NOT_SERVING until a promotion arrives")
 
-    async def handle_event(self, event: pb.common.CheckpointEvent) -> None:
-        """Swaps to a promoted checkpoint (called by the watcher on the event loop)."""
+    async def handle_event(self, event: pb.common.CheckpointEvent) -> str | None:
+        """Swaps to a promoted checkpoint (called by the watcher on the event loop); returns why it was refused, or
+        None when it is served or not newer than the served version."""
         served = self.swapper.served_version
         if served is not None and event.version <= served:
             metrics.SWAPS.labels("ignored").inc()
             logger.info("ignored a checkpoint that is not newer", extra={"version": event.version, "served": served})
-            return
+            return None
         try:
             model = await asyncio.to_thread(load_checkpoint, event.registry_uri, event.version, event.manifest_sha256)
         except SwapRefused as exc:
@@ -118,9 +118,14 @@ class ServingApp:
             logger.error(
                 "refused promoted checkpoint version %d: %s", event.version, exc.why, extra={"version": event.version}
             )
-            return
-        with contextlib.suppress(SwapRefused, FailedPrecondition):
+            return f"checkpoint version {event.version} refused: {exc.why}"
+        try:
             await self.swapper.swap_to(model)  # counts and logs its own failures
+        except SwapRefused as exc:
+            return f"checkpoint version {event.version} refused: {exc.why}"
+        except FailedPrecondition:
+            return None  # a newer version got there first: nothing wrong with this one
+        return None
 
     def _on_model_change(self, model: ModelInfo | None) -> None:
         if model is None:

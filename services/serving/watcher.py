@@ -3,7 +3,9 @@
 Each replica reads in its own consumer group (every replica must see every promotion), from the earliest offset:
 events not newer than the served version are ignored cheaply, so replaying the topic at start-up costs little.
 kafka-python is blocking, so the consumer runs on a thread and hands each event to the event loop, waits for the
-swap to finish (or fail), and only then commits the offset.
+swap to finish (or fail), and only then commits the offset. An event it cannot use — undecodable, without a schema
+header, invalid (no version or registry URI), or a promoted checkpoint serving refused (verification, load or
+warm-up failed) — goes to the dead-letter topic with the reason, like every other consumer's, and the stream goes on.
 """
 
 from __future__ import annotations
@@ -18,12 +20,22 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from services.common import pb
-from services.common.kafka import ProtoConsumer
+from services.common.kafka import DeadLetterWriter, ProtoConsumer, ProtoProducer, Received
 from services.common.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[["pb.common.CheckpointEvent"], Coroutine[Any, Any, None]]
+#: Swaps to a promoted checkpoint; returns None when served (or not newer than the served one), else why it
+#: could not be used (the event is dead-lettered with that reason).
+Handler = Callable[["pb.common.CheckpointEvent"], Coroutine[Any, Any, "str | None"]]
+
+
+def validate_event(event: pb.common.CheckpointEvent) -> None:
+    """Fields every event needs; a failing one is a dead letter."""
+    if event.version <= 0:
+        raise ValueError(f"version={event.version}: a registry checkpoint version is >= 1")
+    if not event.registry_uri:
+        raise ValueError("registry_uri is empty")
 
 
 def default_group() -> str:
@@ -48,6 +60,7 @@ class CheckpointWatcher:
         self.handle_timeout_s = handle_timeout_s
         self.assigned = threading.Event()
         self.handled = 0
+        self.dead_lettered = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="checkpoint-watcher", daemon=True)
@@ -61,17 +74,21 @@ class CheckpointWatcher:
 
     def _run(self) -> None:
         consumer: ProtoConsumer[pb.common.CheckpointEvent] | None = None
+        producer: ProtoProducer | None = None
         while not self._stop.is_set():
             try:
+                if producer is None:
+                    producer = ProtoProducer(self.kafka, "serving-watcher")
                 consumer = ProtoConsumer(
                     self.kafka,
                     self.kafka.topic_checkpoints,
                     pb.common.CheckpointEvent,
                     group_id=self.group_id,
                     client_name="serving-watcher",
+                    validate=validate_event,
                     max_poll_records=16,
                 )
-                self._consume(consumer)
+                self._consume(consumer, DeadLetterWriter(producer, self.kafka.topic_dead_letters, "serving"))
             except Exception as exc:  # broker gone, group trouble: keep serving, retry
                 self.error = exc
                 logger.exception("checkpoint watcher failed; retrying in 2 s")
@@ -80,8 +97,10 @@ class CheckpointWatcher:
                 if consumer is not None:
                     consumer.close()
                     consumer = None
+        if producer is not None:
+            producer.close()
 
-    def _consume(self, consumer: ProtoConsumer[pb.common.CheckpointEvent]) -> None:
+    def _consume(self, consumer: ProtoConsumer[pb.common.CheckpointEvent], dead: DeadLetterWriter) -> None:
         while not self._stop.is_set():
             records = consumer.poll(timeout_s=0.5)
             if consumer.assignment():
@@ -90,21 +109,31 @@ class CheckpointWatcher:
                 if self._stop.is_set():
                     return
                 if record.value is None:
-                    logger.warning(
-                        "skipping an unreadable checkpoint event",
-                        extra={"partition": record.partition, "offset": record.offset, "error": record.error},
-                    )
+                    self._dead_letter(dead, record, record.error or "empty record", record.error_type)
                 elif record.value.promoted:
-                    self._dispatch(record.value)
+                    refused = self._dispatch(record.value)
+                    if refused is not None:
+                        self._dead_letter(dead, record, refused, "refused")
+                # A dead letter that failed to send raised above: the offset stays uncommitted, the event comes back.
                 consumer.commit({record.tp: record.offset + 1})
                 self.handled += 1
 
-    def _dispatch(self, event: pb.common.CheckpointEvent) -> None:
+    def _dead_letter(self, dead: DeadLetterWriter, record: Received[Any], reason: str, error_type: str) -> None:
+        dead.send(record, reason, error_type)
+        self.dead_lettered += 1
+
+    def _dispatch(self, event: pb.common.CheckpointEvent) -> str | None:
+        """Runs the handler on the event loop; the reason the checkpoint was not served, or None."""
         started = time.perf_counter()
         future = asyncio.run_coroutine_threadsafe(self.handle(event), self.loop)
         try:
-            future.result(self.handle_timeout_s)
-        except Exception:
-            # The handler counts and logs refusals; a swap that failed is not retried (the next promotion is).
+            refused: str | None = future.result(self.handle_timeout_s)
+        except TimeoutError:
+            future.cancel()
+            refused = f"the swap did not finish within {self.handle_timeout_s:g} s"
+        except Exception as exc:
+            # A swap that failed is not retried (the next promotion is); the event says why it was not served.
             logger.debug("promoted checkpoint not served", exc_info=True)
+            refused = f"{type(exc).__name__}: {exc}"[:500]
         logger.debug("handled checkpoint event", extra={"version": event.version, "s": time.perf_counter() - started})
+        return refused

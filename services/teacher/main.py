@@ -17,6 +17,7 @@ from pathlib import Path
 from services.common import pb
 from services.common.grpc_server import GrpcServer
 from services.common.kafka import ensure_topics
+from services.common.kafka_health import KafkaHealth
 from services.common.logs import setup_logging
 from services.common.models import parameter_count, resolve_model
 from services.common.registry import sha256_file
@@ -104,6 +105,12 @@ class TeacherApp:
         lag = (lambda: worker.lag) if worker is not None else None
         self._tasks.append(asyncio.create_task(metrics.run_sampler(self.engine, lag), name="teacher-metrics"))
         if worker is not None:
+            # The worker is what needs Kafka: without it the teacher's health follows the engine only.
+            self.kafka_health = KafkaHealth(
+                self.settings.kafka, self.server.set_serving, self.settings.kafka_unavailable_s,
+                self.settings.kafka_check_interval_s,
+            )  # fmt: skip
+            self._tasks.append(asyncio.create_task(self.kafka_health.run(), name="teacher-kafka-health"))
             task = asyncio.create_task(worker.run(), name="teacher-worker")
             task.add_done_callback(self._worker_done)
             self._tasks.append(task)

@@ -30,6 +30,9 @@ class PromptWorkerSettings(BaseModel):
     """Tokens between the engine's progress reports per request; large = first token and end only (cheapest)."""
     ack_timeout_s: float = Field(60.0, gt=0)
     """Longest wait for the broker to acknowledge a sample before the worker gives up (and exits)."""
+    publish_retry_s: float = Field(300.0, gt=0, le=86_400)
+    """How long a prompt's samples are resent (on a rebuilt producer) while the broker does not acknowledge them —
+    a broker restart; past it the worker fails and the process exits for the orchestrator to restart."""
 
 
 class TeacherSettings(ServiceSettings):

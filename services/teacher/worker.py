@@ -186,7 +186,7 @@ class PromptWorker:
     async def _handle(self, record: Record, offsets: PartitionOffsets) -> None:
         """One prompt record, start to finish; returns normally once its offset may be committed."""
         if record.value is None:
-            await self._dead_letter(record, record.error or "undecodable", "malformed")
+            await self._dead_letter(record, record.error or "undecodable", record.error_type)
         else:
             try:
                 await self._generate_and_publish(record, record.value)
@@ -251,15 +251,33 @@ class PromptWorker:
         await self._publish(prompt_record.prompt_id, [sample])
 
     async def _publish(self, prompt_id: str, samples: list[pb.common.TeacherSample]) -> None:
-        """Sends the samples of one prompt and waits until the broker acknowledged every one."""
-        acks = [self._send(sample) for sample in samples]
-        try:
-            await asyncio.wait_for(asyncio.gather(*acks), self.settings.worker.ack_timeout_s)
-        except Exception as exc:
-            raise WorkerFailed(f"samples of prompt {prompt_id!r} were not acknowledged: {exc!r}") from exc
-        metrics.SAMPLES_PUBLISHED.inc(len(acks))
+        """Sends the samples of one prompt and waits until the broker acknowledged every one.
 
-    def _send(self, sample: pb.common.TeacherSample) -> asyncio.Future[None]:
+        A send the broker did not acknowledge (a broker restart leaves kafka-python's idempotent producer failing
+        every send) rebuilds the producer and resends all the prompt's samples, for up to `publish_retry_s`;
+        a resent sample the broker already had is a duplicate the trainer drops by its sample_id.
+        """
+        assert self._producer is not None
+        producer = self._producer
+        deadline = time.monotonic() + self.settings.worker.publish_retry_s
+        backoff = 0.2
+        while True:
+            generation = producer.rebuilds
+            try:
+                acks = [await self._send(sample) for sample in samples]
+                await asyncio.wait_for(asyncio.gather(*acks), self.settings.worker.ack_timeout_s)
+                break
+            except Exception as exc:
+                if self._stopping.is_set() or time.monotonic() + backoff >= deadline:
+                    raise WorkerFailed(f"samples of prompt {prompt_id!r} were not acknowledged: {exc!r}") from exc
+                logger.warning("samples not acknowledged; resending on a rebuilt producer",
+                               extra={"prompt_id": prompt_id, "error": repr(exc)})  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+                await asyncio.to_thread(producer.recover, generation)
+        metrics.SAMPLES_PUBLISHED.inc(len(samples))
+
+    async def _send(self, sample: pb.common.TeacherSample) -> asyncio.Future[None]:
         """Queues a sample; the returned future completes when the broker acknowledged it."""
         assert self._producer is not None
         loop = asyncio.get_running_loop()
@@ -273,7 +291,10 @@ class PromptWorker:
             else:
                 acked.set_exception(error)
 
-        kafka_future = self._producer.send(self.kafka.topic_teacher_samples, sample.prompt_id, sample)
+        # On a thread: kafka-python blocks in send while it has no metadata for the topic (a broker restart).
+        kafka_future = await asyncio.to_thread(
+            self._producer.send, self.kafka.topic_teacher_samples, sample.prompt_id, sample
+        )
         # kafka-python calls these on its network thread.
         kafka_future.add_callback(lambda _meta: loop.call_soon_threadsafe(settle, None))
         kafka_future.add_errback(lambda exc: loop.call_soon_threadsafe(settle, exc))

@@ -126,6 +126,15 @@ class ReplayBuffer:
                 done.append(it)
         return chosen, done
 
+    def discard(self, item: Item) -> bool:
+        """Removes an item before it is used up (a quarantined batch's); False when it was no longer there."""
+        if self._items.get(item.key) is not item:
+            return False
+        del self._items[item.key]
+        if item.uses == 0:
+            self._fresh -= 1
+        return True
+
     def fresh_on_policy(self) -> int:
         return sum(1 for it in self._items.values() if it.uses == 0 and it.on_policy)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,22 +53,77 @@ def source_of(sample: pb.common.TeacherSample) -> str:
     return GENERATED
 
 
-def validate_sample(sample: pb.common.TeacherSample) -> None:
-    """Structural checks the decoder applies; a failing record goes to the dead-letter topic."""
+#: Slack on "a log-probability is <= 0" and "top-k probabilities sum to <= 1": float32 rounding in the teacher's
+#: log-softmax gives values a few ulps above the bound, never more.
+LOGPROB_SLACK = 1e-3
+
+
+def validate_sample(
+    sample: pb.common.TeacherSample, vocab_size: int | None = None, require_top_k: bool = False
+) -> None:
+    """Checks the decoder applies; a failing record goes to the dead-letter topic with the message as its reason.
+
+    Structure (ids present, top-k arrays of top_k × completion length, sampled logprobs one per completion token
+    when the sample carries top-k), values (every token id in [0, vocab_size) of the run's tokenizer and student
+    embedding — the vocabulary is never pruned —, every logprob finite and <= 0, a position's top-k probabilities
+    summing to <= 1), and `require_top_k`: a train-split sample without top-k when the run's loss needs it.
+    """
     if not sample.sample_id:
         raise ValueError("sample_id is empty")
     if not sample.prompt_token_ids:
         raise ValueError("prompt_token_ids is empty")
     n = len(sample.completion_token_ids)
-    if len(sample.top_ids) != sample.top_k * n or len(sample.top_logprobs) != sample.top_k * n:
+    k = sample.top_k
+    if len(sample.top_ids) != k * n or len(sample.top_logprobs) != k * n:
         raise ValueError(
-            f"top_k={sample.top_k} × {n} completion tokens needs {sample.top_k * n} top ids/logprobs, "
+            f"top_k={k} × {n} completion tokens needs {k * n} top ids/logprobs, "
             f"got {len(sample.top_ids)}/{len(sample.top_logprobs)}"
         )
-    if min(sample.prompt_token_ids) < 0 or (n and min(sample.completion_token_ids) < 0):
-        raise ValueError("negative token id")
     if sample.source == pb.common.SAMPLE_SOURCE_SCORED_STUDENT and not sample.student_run_id:
         raise ValueError("a scored student completion without student_run_id")
+    if k == 0 and n and sample.split != pb.common.SPLIT_EVAL:
+        if require_top_k:
+            raise ValueError("top_k=0: the run's loss needs the teacher's top-k log-probs")
+        if sample.source == pb.common.SAMPLE_SOURCE_SCORED_STUDENT:
+            raise ValueError("top_k=0 on a scored student completion: on-policy distillation needs the top-k")
+    if k and len(sample.sampled_logprobs) != n:
+        raise ValueError(f"sampled_logprobs has {len(sample.sampled_logprobs)} values for {n} completion tokens")
+    for name in ("prompt_token_ids", "completion_token_ids", "top_ids"):
+        ids = np.asarray(getattr(sample, name), dtype=np.int64)
+        if ids.size == 0:
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0:
+            raise ValueError(f"{name} holds a negative token id {low}")
+        if vocab_size is not None and high >= vocab_size:
+            raise ValueError(f"{name} holds token id {high}, outside the vocabulary of {vocab_size}")
+    for name in ("top_logprobs", "sampled_logprobs"):
+        values = np.asarray(getattr(sample, name), dtype=np.float64)
+        if values.size == 0:
+            continue
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name} holds a non-finite value {values[~np.isfinite(values)][0]}")
+        if values.max() > LOGPROB_SLACK:
+            raise ValueError(f"{name} holds {values.max():.4g}, a log-probability above 0")
+    if k and n:
+        mass = np.exp(np.asarray(sample.top_logprobs, dtype=np.float64).reshape(n, k)).sum(axis=1)
+        if mass.max() > 1 + LOGPROB_SLACK:
+            pos = int(mass.argmax())
+            raise ValueError(f"top_logprobs at completion position {pos} sum to probability {mass[pos]:.4g} > 1")
+
+
+def sample_validator(vocab_size: int, require_top_k: bool) -> Callable[[pb.common.TeacherSample], None]:
+    """`validate_sample` bound to a run's vocabulary and loss (the consumer's decoder calls it per record)."""
+
+    def validate(sample: pb.common.TeacherSample) -> None:
+        validate_sample(sample, vocab_size, require_top_k)
+
+    return validate
+
+
+def needs_top_k(spec: pb.trainer.RunSpec) -> bool:
+    """True when the run's off-policy loss has a term that reads the teacher's top-k."""
+    return any(getattr(spec.loss, w) > 0 for w in ("forward_kl", "reverse_kl", "jsd", "skew_kl"))
 
 
 class BoundedSet:
@@ -142,7 +198,7 @@ class Intake:
         self.current_step = current_step or (lambda: 0)
         self.stats = IntakeStats()
         self.eos_id = tokenizer.eos_token_id
-        self.needs_top_k = any(getattr(spec.loss, w) > 0 for w in ("forward_kl", "reverse_kl", "jsd", "skew_kl"))
+        self.needs_top_k = needs_top_k(spec)
         state = state or {}
         self.seen_samples = BoundedSet(items=state.get("seen_samples"))
         self.seen_prompts = BoundedSet(items=state.get("seen_prompts"))
@@ -187,7 +243,7 @@ class Intake:
             self.tracker.read(p, o, 0)  # dead-lettered before the checkpoint
             return
         if record.error is not None or record.value is None:
-            self.dead_letters.send(record, record.error or "empty record")
+            self.dead_letters.send(record, record.error or "empty record", record.error_type)
             self.stats.dead_letter += 1
             metrics.SAMPLES.labels("dead_letter").inc()
             self.tracker.read(p, o, 0)

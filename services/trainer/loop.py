@@ -26,9 +26,10 @@ import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 from kafka import TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 
 from services.common import pb
-from services.common.kafka import DeadLetterWriter, ProtoConsumer, ProtoProducer
+from services.common.kafka import DeadLetterWriter, ProtoConsumer, ProtoProducer, Received
 from services.common.models import load_causal_lm, load_tokenizer
 from services.common.registry import Checkpoint, Registry
 from services.tasks import parse_checker
@@ -49,7 +50,7 @@ from services.trainer.checkpoint import (
 from services.trainer.device import bf16_is_fast, resolve_device
 from services.trainer.evalset import EvalSet
 from services.trainer.evaluate import EvalResult, evaluate
-from services.trainer.intake import Intake, validate_sample
+from services.trainer.intake import Intake, needs_top_k, sample_validator
 from services.trainer.onpolicy import OnPolicySampler
 from services.trainer.settings import TrainerSettings
 from services.trainer.spec import loss_weights, to_json
@@ -82,6 +83,10 @@ def torch_threads(wanted: int) -> int:
     return wanted or len(os.sched_getaffinity(0))
 
 
+class TooManyQuarantined(RuntimeError):
+    """More training micro-batches raised than `max_quarantined_batches` allows: the run fails."""
+
+
 class TrainingRun:
     def __init__(
         self,
@@ -109,6 +114,7 @@ class TrainingRun:
         self.student_parameters = 0
         self.step = 0
         self._last_ckpt_step = 0  # nothing trained yet: a stop before the first step writes no checkpoint
+        self.quarantined_batches = 0
         self._eval_pending = False
         self._window: deque[tuple[float, int]] = deque(maxlen=20)
         self._source_window: deque[tuple[dict[str, float], dict[str, int]]] = deque(maxlen=20)
@@ -187,13 +193,16 @@ class TrainingRun:
             offsets = {int(p): int(o) for p, o in resume.checkpoint.manifest.kafka_offsets.get(self.topic, {}).items()}
             state = resume.state
         listener = SeekOnAssign(offsets)
+        # Token ids are checked against the embedding they will index (the vocabulary is never pruned): an id past
+        # it is a dead letter, not an IndexError that fails every run re-reading the topic.
+        vocab_size = int(self.teacher_config.get("vocab_size") or len(self.tokenizer))
         self.consumer: ProtoConsumer[pb.common.TeacherSample] = ProtoConsumer(
             self.settings.kafka,
             self.topic,
             pb.common.TeacherSample,
             group_id=f"{self.settings.group_prefix}.{s.run_id}",
             client_name=f"trainer-{s.run_id}",
-            validate=validate_sample,
+            validate=sample_validator(vocab_size, needs_top_k(s)),
             listener=listener,
         )
         listener.consumer = self.consumer.kafka
@@ -203,7 +212,7 @@ class TrainingRun:
         self.evalset = EvalSet(s.eval.max_prompts, s.eval.max_agreement_samples, self.checker)
         if "eval" in state:
             self.evalset.load_state(state["eval"])
-        dead = DeadLetterWriter(self.producer, self.settings.kafka.topic_dead_letters, "trainer")
+        dead = self.dead_letters = DeadLetterWriter(self.producer, self.settings.kafka.topic_dead_letters, "trainer")
         replay = Replay.from_state(state["buffer"]) if "buffer" in state else None
         self.intake = Intake(
             s, self.consumer, dead, self.tokenizer, self.buffer, self.tracker, self.evalset, replay,
@@ -287,14 +296,29 @@ class TrainingRun:
         source_tokens: dict[str, int] = {}
         loss_sum, targets, tokens, micro = 0.0, 0, 0, 0
         trained: list[Item] = []
-        for _ in range(s.grad_accum_steps):
+        while micro < s.grad_accum_steps:
             items = self._next_items(s.batch_size)
             if items is None:
                 break  # stopping: apply what was accumulated, so every taken item is really trained
+            backward = False
+            try:
+                batch = collate(items, self.pad_id).to(self.device)
+                out = batch_loss(self.model, batch, self.weights, self.autocast, self.body, self.on_policy_weights)
+                if not torch.isfinite(out.loss.detach()):
+                    raise FloatingPointError(f"non-finite loss {float(out.loss.detach())}")
+                backward = True
+                (out.loss / s.grad_accum_steps).backward()
+            except Exception as exc:  # a batch that still raises is quarantined, not the run's end
+                self._quarantine(items, exc)
+                if backward:
+                    # A backward that failed part-way left partial gradients: drop this step's accumulation. The
+                    # micro-batches already in it count as used (their records are not re-read).
+                    self.optimizer.zero_grad(set_to_none=True)
+                    for acc in (totals, source_loss, source_tokens):
+                        acc.clear()
+                    loss_sum, targets, tokens, micro = 0.0, 0, 0, 0
+                continue
             trained += items
-            batch = collate(items, self.pad_id).to(self.device)
-            out = batch_loss(self.model, batch, self.weights, self.autocast, self.body, self.on_policy_weights)
-            (out.loss / s.grad_accum_steps).backward()
             micro += 1
             loss_sum += float(out.loss.detach())
             for name, value in out.parts.items():
@@ -323,6 +347,37 @@ class TrainingRun:
         self._record_sources(source_loss, source_tokens)
         self._record_step(loss_sum / micro, components, targets, rate, lr)
         return micro == s.grad_accum_steps or not self.stop.is_set()
+
+    def _quarantine(self, items: list[Item], exc: Exception) -> None:
+        """Dead-letters the records of a micro-batch whose step raised and drops its items (their records are done,
+        so a resume does not re-read them); past `max_quarantined_batches` the run fails."""
+        self.quarantined_batches += 1
+        reason = f"training step raised {type(exc).__name__}: {str(exc)[:300]}"
+        logger.error(
+            "quarantined a training batch",
+            exc_info=exc,
+            extra={"run_id": self.spec.run_id, "step": self.step, "items": len(items),
+                   "quarantined": self.quarantined_batches},
+        )  # fmt: skip
+        if self.quarantined_batches > self.settings.max_quarantined_batches:
+            raise TooManyQuarantined(
+                f"{self.quarantined_batches} training batches raised, more than max_quarantined_batches="
+                f"{self.settings.max_quarantined_batches}; the last: {reason}"
+            ) from exc
+        in_batch = {id(it) for it in items}
+        # Items this batch used up are already out of the buffer and would be marked done after the step: do it now.
+        self._pending_done = [it for it in self._pending_done if id(it) not in in_batch]
+        records: set[tuple[int, int]] = set()
+        for it in items:
+            self.buffer.discard(it)
+            self.tracker.done(it.partition, it.offset)
+            records.add((it.partition, it.offset))
+        for p, o in sorted(records):
+            # The value stays in the samples topic at these coordinates; the buffer does not keep raw records.
+            record: Received[Any] = Received(self.topic, p, o, None, b"", {})
+            self.dead_letters.send(record, f"{reason} (the record is at {self.topic}/{p}/{o})", "train_error")
+        self.intake.stats.dead_letter += len(records)
+        metrics.SAMPLES.labels("dead_letter").inc(len(records))
 
     def _record_sources(self, source_loss: dict[str, float], source_tokens: dict[str, int]) -> None:
         """Tokens per signal source (whole run) and their mean loss over the last steps."""
@@ -433,15 +488,23 @@ class TrainingRun:
         self._last_ckpt_step = self.step
         metrics.CHECKPOINTS_WRITTEN.inc()
         promote, why = passes_gate(scores, self.spec.gate, metric, last_promoted_of_task(self.registry, self.spec.task))
+        # Announce, then mark promoted: the registry lists a promotion only once the broker acknowledged its event,
+        # so serving (which follows the events) and the registry cannot disagree. The producer is rebuilt and the
+        # event resent across a broker restart; an announcement still failing after announce_timeout_s fails the run
+        # (it resumes from this checkpoint, unpromoted).
+        self.producer.send_and_wait(
+            self.settings.kafka.topic_checkpoints, self.spec.run_id, checkpoint_event(ckpt, promote),
+            timeout_s=self.settings.announce_timeout_s,
+        )  # fmt: skip
         if promote:
             self.registry.promote(ckpt)
             metrics.CHECKPOINTS_PROMOTED.inc()
             self.progress.promoted_version = ckpt.version
-        self.producer.send(
-            self.settings.kafka.topic_checkpoints, self.spec.run_id, checkpoint_event(ckpt, promote)
-        ).get(timeout=self.settings.announce_timeout_s)
-        # Informational for lag tools: resume always seeks to the manifest's offsets, not to these.
-        self.consumer.commit({TopicPartition(self.topic, int(p)): o for p, o in offsets.items()})
+        try:
+            # Informational for lag tools: resume always seeks to the manifest's offsets, not to these.
+            self.consumer.commit({TopicPartition(self.topic, int(p)): o for p, o in offsets.items()})
+        except KafkaError as exc:  # a broker restart or a rebalance: the next checkpoint commits again
+            logger.warning("offset commit failed", extra={"run_id": self.spec.run_id, "error": repr(exc)})
         self.progress.last_checkpoint_version = ckpt.version
         logger.info(
             "checkpoint written",

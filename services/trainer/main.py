@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from services.common import pb
 from services.common.grpc_server import GrpcServer
 from services.common.kafka import ProtoProducer, ensure_topics
+from services.common.kafka_health import KafkaHealth
 from services.common.logs import setup_logging
 from services.common.models import resolve_model
 from services.common.registry import Registry
@@ -40,6 +42,10 @@ class TrainerApp:
         pb.trainer_grpc.add_TrainerServiceServicer_to_server(self.servicer, self.server.server)
         self.server.add_service_name(SERVICE_NAME)
         self.fatal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.kafka_health = KafkaHealth(
+            settings.kafka, self.server.set_serving, settings.kafka_unavailable_s, settings.kafka_check_interval_s
+        )
+        self._health_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(cls, settings: TrainerSettings) -> TrainerApp:
@@ -57,6 +63,7 @@ class TrainerApp:
         # The trainer is the registry's only writer: folders left in tmp/ are from a writer that died.
         await asyncio.to_thread(self.registry.discard_staging)
         port = await self.server.start(metrics=metrics_server)
+        self._health_task = asyncio.create_task(self.kafka_health.run(), name="trainer-kafka-health")
         resumed = await asyncio.to_thread(self.manager.load_persisted)
         if resumed:
             logger.info("resuming runs", extra={"runs": resumed})
@@ -64,6 +71,10 @@ class TrainerApp:
 
     async def close(self) -> None:
         """Stops the active run after a checkpoint (it resumes at the next start), then the server."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._health_task
         await asyncio.to_thread(self.manager.shutdown, max(self.settings.grace_period_s, 1.0) * 6)
         await self.server.stop(grace=0)
         await asyncio.to_thread(self.producer.close)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
+from kafka.errors import KafkaError
 
 from services.common import pb
 from services.common.kafka import ProtoProducer
@@ -76,9 +77,13 @@ class OnPolicySampler:
             if not completion:
                 continue
             record = score_request(prompt, completion, self.spec.run_id, step)
-            sent.append(self.producer.send(self.topic, prompt.prompt_id, record))
-        for future in sent:
-            future.get(timeout=self.ack_timeout_s)  # acknowledged, or the run fails loudly (nothing lost silently)
+            sent.append((prompt.prompt_id, record, self.producer.send(self.topic, prompt.prompt_id, record)))
+        for key, record, future in sent:
+            try:
+                future.get(timeout=self.ack_timeout_s)
+            except KafkaError:
+                # A broker restart: resent on a rebuilt producer; acknowledged, or the run fails loudly.
+                self.producer.send_and_wait(self.topic, key, record, timeout_s=self.ack_timeout_s)
         self.requested += len(sent)
         metrics.ON_POLICY.labels("requested").inc(len(sent))
         logger.info(

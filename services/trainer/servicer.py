@@ -88,7 +88,9 @@ class TrainerServicer(pb.trainer_grpc.TrainerServiceServicer):  # type: ignore[m
             ckpt = verify(path)
         except CheckpointError as exc:
             raise FailedPrecondition(f"checkpoint {path.name} fails verification: {exc}") from exc
+        # Announced first, marked promoted only once the broker acknowledged it: the registry never lists a promotion
+        # serving was not told about (a failed announcement fails the call, and nothing is promoted).
+        self.producer.send_and_wait(self.topic, ckpt.manifest.run_id, checkpoint_event(ckpt, True), timeout_s=30)
         self.registry.promote(ckpt)
         metrics.CHECKPOINTS_PROMOTED.inc()
-        self.producer.send(self.topic, ckpt.manifest.run_id, checkpoint_event(ckpt, True)).get(timeout=30)
         return ckpt

@@ -48,6 +48,10 @@ class TrainerSettings(ServiceSettings):
     of every item it trained), so what a checkpoint was trained on can be traced back to the samples topic."""
     announce_timeout_s: float = Field(30.0, gt=0, le=600)
     """Longest wait for the broker to acknowledge a checkpoint event (and a round of on-policy score requests)."""
+    max_quarantined_batches: int = Field(10, ge=0, le=100_000)
+    """A micro-batch whose forward or backward raises (or gives a non-finite loss) is quarantined: its records go to
+    the dead-letter topic with the exception and the run goes on. Past this many in one run, the run fails with an
+    error naming the last exception (something is wrong beyond a bad record)."""
     device: str = "auto"
     """Where the student trains and is evaluated: "auto" (CUDA when there is one, else CPU), "cpu", "cuda" or
     "cuda:N". On CUDA, steps run under bf16 autocast with pinned-memory batches, and the CPU-only settings

@@ -15,6 +15,7 @@ from services.common.kafka import (
     ProtoProducer,
     RecordTooLarge,
     ensure_topics,
+    schema_headers,
 )
 from services.common.settings import KafkaSettings
 
@@ -130,15 +131,18 @@ def test_malformed_records_go_to_dead_letters_and_the_stream_continues(
 ) -> None:
     topic = kafka_settings.topic_prompts
     producer.send(topic, "p1", _prompt(1))
-    producer.send_raw(topic, b"garbage", b"\x0a\xff\xff\xff\x0f", [])  # truncated length-delimited field
+    prompt_headers = schema_headers(pb.common.PromptRecord())
+    producer.send_raw(topic, b"garbage", b"\x0a\xff\xff\xff\x0f", prompt_headers)  # truncated length-delimited
     producer.send(topic, "wrong-schema", pb.common.CheckpointEvent(run_id="r"))
+    # CheckpointEvent bytes parse as a PromptRecord: without the schema header they must not be guessed at.
+    producer.send_raw(topic, b"headless", pb.common.CheckpointEvent(run_id="r", version=2).SerializeToString(), [])
     producer.send(topic, "no-id", pb.common.PromptRecord(task="x"))  # parses, fails validation
     producer.send(topic, "p2", _prompt(2))
     producer.flush(30)
 
     consumer = ProtoConsumer(kafka_settings, topic, pb.common.PromptRecord, "g-dlq", "t", validate=_require_id)
     dead = DeadLetterWriter(producer, kafka_settings.topic_dead_letters, "test")
-    got = _drain(consumer, 5)
+    got = _drain(consumer, 6)
     good = []
     for rec in got:
         if rec.error:
@@ -147,16 +151,18 @@ def test_malformed_records_go_to_dead_letters_and_the_stream_continues(
             good.append(rec.value.prompt_id)
     consumer.close()
     assert sorted(good) == ["p1", "p2"]
-    assert dead.sent == 3
+    assert dead.sent == 4
 
     dlq = ProtoConsumer(kafka_settings, kafka_settings.topic_dead_letters, pb.common.DeadLetter, "g-dlq-r", "t")
-    letters = _drain(dlq, 3)
+    letters = _drain(dlq, 4)
     dlq.close()
     by_key = {r.value.key: r.value for r in letters}
     assert by_key[b"garbage"].value == b"\x0a\xff\xff\xff\x0f"
     assert "not a valid distillery.common.v1.PromptRecord" in by_key[b"garbage"].reason
     assert "schema header 'distillery.common.v1.CheckpointEvent'" in by_key[b"wrong-schema"].reason
     assert "prompt_id is empty" in by_key[b"no-id"].reason
+    assert "no 'schema' header" in by_key[b"headless"].reason
+    assert {r.error_type for r in got if r.error} == {"malformed", "schema", "invalid"}
     assert all(letter.source_topic == topic and letter.service == "test" for letter in by_key.values())
 
 

@@ -63,6 +63,8 @@ def test_probes_ports_and_settings_agree(kubectl: str, overlay: str) -> None:
         assert ports == {"grpc": grpc_port, "metrics": metrics_port, **({"health": int(health)} if health else {})}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == (int(health) if health else grpc_port), f"{name} {probe}"
+        if name in ("trainer", "teacher"):  # NOT_SERVING while Kafka is away must not restart them
+            assert container["livenessProbe"]["grpc"]["service"] == "liveness"
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port)
         prefix = f"DISTILLERY_{name.upper()}_"
         assert env[prefix + "HOST"] == "0.0.0.0"

@@ -96,6 +96,10 @@ async def test_malformed_records_are_dead_lettered_and_the_stream_continues(work
         producer.send_raw(
             kafka.topic_prompts, b"wrong-schema", good.SerializeToString(), schema_headers(pb.common.TeacherSample())
         )
+        # A CheckpointEvent parses as a PromptRecord (its registry_uri lands in `text`): without a schema header it
+        # must be a dead letter, not a prompt the teacher answers.
+        event = pb.common.CheckpointEvent(run_id="r", version=2, registry_uri="file:///registry/2")
+        producer.send_raw(kafka.topic_prompts, b"headless", event.SerializeToString(), [])
         producer.send(kafka.topic_prompts, "no-id", pb.common.PromptRecord(text="who am I"))
         producer.send(
             kafka.topic_prompts,
@@ -114,9 +118,12 @@ async def test_malformed_records_are_dead_lettered_and_the_stream_continues(work
         producer.flush()
     finally:
         producer.close()
-    letters = await asyncio.to_thread(read_topic, kafka, kafka.topic_dead_letters, pb.common.DeadLetter, 6)
+    letters = await asyncio.to_thread(read_topic, kafka, kafka.topic_dead_letters, pb.common.DeadLetter, 7)
     reasons = {(r.value.key.decode() or "?"): r.value.reason for r in letters}
-    assert sorted(reasons) == ["bad-option", "bad-sampling", "garbage", "no-id", "too-long", "wrong-schema"]
+    assert sorted(reasons) == [
+        "bad-option", "bad-sampling", "garbage", "headless", "no-id", "too-long", "wrong-schema"
+    ]  # fmt: skip
+    assert "no 'schema' header" in reasons["headless"]
     assert "sampling.logprobs=99" in reasons["bad-sampling"]
     assert "sampling.extra[beam]" in reasons["bad-option"]
     assert "text=" in reasons["too-long"] and "tokens" in reasons["too-long"]

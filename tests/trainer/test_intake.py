@@ -57,6 +57,7 @@ def _sample(sid: str, text: str, split: int = pb.common.SPLIT_TRAIN, prompt: str
     s.completion_token_ids.extend([20, 21, 2])
     s.top_ids.extend([20, 30, 21, 31, 2, 32])
     s.top_logprobs.extend([-0.1, -3.0, -0.2, -2.5, -0.05, -4.0])
+    s.sampled_logprobs.extend([-0.1, -0.2, -0.05])
     return s
 
 
