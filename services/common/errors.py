@@ -18,6 +18,7 @@ import grpc
 import pydantic
 
 from services.common import metrics
+from services.common.text import clip, clip_message
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class InvalidArgument(ServiceError, ValueError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, value: object, why: str) -> None:
-        super().__init__(f"{field}={value!r}: {why}")
+        super().__init__(f"{field}={clip(value)}: {why}")
         self.field = field
         self.value = value
 
@@ -56,14 +57,16 @@ class Unavailable(ServiceError):
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Maps an exception to (status code, client message)."""
     if isinstance(exc, ServiceError):
-        return exc.code, str(exc)
+        return exc.code, clip_message(str(exc))
     if isinstance(exc, pydantic.ValidationError):
-        parts = [f"{'.'.join(str(p) for p in err['loc'])}={err.get('input')!r}: {err['msg']}" for err in exc.errors()]
-        return grpc.StatusCode.INVALID_ARGUMENT, "; ".join(parts)
+        parts = [
+            f"{'.'.join(str(p) for p in err['loc'])}={clip(err.get('input'))}: {err['msg']}" for err in exc.errors()
+        ]
+        return grpc.StatusCode.INVALID_ARGUMENT, clip_message("; ".join(parts))
     if isinstance(exc, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        return grpc.StatusCode.INVALID_ARGUMENT, clip_message(str(exc))
     if isinstance(exc, KeyError | FileNotFoundError):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
+        return grpc.StatusCode.NOT_FOUND, clip_message(str(exc))
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 

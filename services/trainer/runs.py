@@ -27,7 +27,8 @@ from services.common import pb
 from services.common.errors import FailedPrecondition, NotFound, ServiceError
 from services.common.kafka import ProtoProducer
 from services.common.models import parameter_count
-from services.common.registry import Registry
+from services.common.registry import Checkpoint, Registry
+from services.trainer import budget
 from services.trainer.loop import TrainingRun
 from services.trainer.settings import TrainerSettings
 from services.trainer.spec import complete, from_json, teacher_config_of, to_json
@@ -152,7 +153,9 @@ class RunManager:
     # --- RPC operations ------------------------------------------------------------------------------------------
 
     def start_run(self, spec: pb.trainer.RunSpec) -> pb.trainer.RunInfo:
-        full = complete(spec, self.teacher_config, self.settings.checker_modules)  # InvalidArgument naming the field
+        memory = int(budget.machine_bytes() * self.settings.run_memory_fraction)
+        # InvalidArgument naming the field; ResourceExhausted when the run would not fit in memory.
+        full = complete(spec, self.teacher_config, self.settings.checker_modules, self.registry, memory)
         with self.lock:
             if full.run_id in self.runs:
                 raise AlreadyExists(f"spec.run_id={full.run_id!r}: a run with this id exists")
@@ -281,6 +284,11 @@ class RunManager:
             active.thread.join(timeout_s)
             if active.thread.is_alive():
                 logger.warning("run did not stop in time", extra={"run_id": active.info.spec.run_id})
+
+    def wrote(self, ckpt: Checkpoint) -> bool:
+        """Whether a checkpoint was written by one of this trainer's runs (in its registry, under its run id)."""
+        with self.lock:
+            return ckpt.path.parent == self.registry.root / "checkpoints" and ckpt.manifest.run_id in self.runs
 
     def checkpoints(self, run_id: str, promoted_only: bool) -> list[Any]:
         if run_id and run_id not in self.runs and not self.registry.checkpoints(run_id):
