@@ -73,49 +73,72 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _Outcome:
+    """Counts one RPC in `distillery_grpc_requests_total` exactly once, whatever way it ends."""
+
+    def __init__(self, service: str, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.labels = (service, method)
+        self.counted = False
+        # A stream cancelled while grpc is writing its last message never sees the cancellation inside the
+        # servicer's generator (it is finalized later, or never): the RPC's done callback counts it.
+        add_done_callback = getattr(context, "add_done_callback", None)
+        if add_done_callback is not None:
+            add_done_callback(lambda _: self.count("CANCELLED"))
+
+    def count(self, code: str) -> None:
+        if not self.counted:
+            self.counted = True
+            metrics.GRPC_REQUESTS.labels(*self.labels, code).inc()
+
+
 def grpc_method(service: str) -> Callable[[F], F]:
     """Wraps a unary or server-streaming `grpc.aio` servicer method with the status table and request metrics."""
 
     def decorate(fn: F) -> F:
         method = fn.__name__
 
-        async def fail(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+        async def fail(exc: BaseException, context: grpc.aio.ServicerContext, outcome: _Outcome) -> None:
             code, message = status_for(exc)
             if code is grpc.StatusCode.INTERNAL:
                 logger.exception("%s.%s failed", service, method, exc_info=exc)
             else:
                 logger.info("%s.%s refused: %s %s", service, method, code.name, message)
-            metrics.GRPC_REQUESTS.labels(service, method, code.name).inc()
+            outcome.count(code.name)
             await context.abort(code, message)
 
         if inspect.isasyncgenfunction(fn):
 
             @functools.wraps(fn)
             async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                outcome = _Outcome(service, method, context)
                 try:
                     async for item in fn(self, request, context):
                         yield item
-                except asyncio.CancelledError:
-                    metrics.GRPC_REQUESTS.labels(service, method, "CANCELLED").inc()
+                except (asyncio.CancelledError, GeneratorExit):
+                    outcome.count("CANCELLED")
                     raise
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
-                    await fail(exc, context)
+                    await fail(exc, context, outcome)
                 else:
-                    metrics.GRPC_REQUESTS.labels(service, method, "OK").inc()
+                    outcome.count("OK")
 
             return stream  # type: ignore[return-value]
 
         @functools.wraps(fn)
         async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            outcome = _Outcome(service, method, context)
             try:
                 result = await fn(self, request, context)
-            except (asyncio.CancelledError, grpc.aio.AbortError):
+            except asyncio.CancelledError:
+                outcome.count("CANCELLED")
+                raise
+            except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await fail(exc, context)
-            metrics.GRPC_REQUESTS.labels(service, method, "OK").inc()
+                await fail(exc, context, outcome)
+            outcome.count("OK")
             return result
 
         return unary  # type: ignore[return-value]

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.common.guard import RequestGuard
 from services.common.metrics import start_metrics_server
 from services.common.settings import ServiceSettings
 
@@ -33,7 +34,10 @@ class GrpcServer:
     def __init__(self, name: str, settings: ServiceSettings) -> None:
         self.name = name
         self.settings = settings
+        self.guard = RequestGuard(settings.open_streams_limit)
         self.server = grpc.aio.server(
+            # Undecodable requests → INVALID_ARGUMENT (not UNKNOWN); long-lived streams limited below the RPC cap.
+            interceptors=[self.guard],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

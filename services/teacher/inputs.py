@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from services.common import pb
 from services.common.errors import InvalidArgument
+from services.common.prompt_size import PromptSize, check_prompt_size
 from services.teacher.engine import Prompt, TeacherEngine
 
 ROLES = ("system", "user", "assistant")
@@ -31,13 +32,18 @@ def render_prompt(
     messages_field: str = "messages",
     text_field: str = "prompt",
     reserve: int = 1,
+    size: PromptSize | None = None,
 ) -> tuple[Prompt, str]:
     """Exactly one of chat `messages` or raw `text` → (`Prompt`, the field it came from).
 
-    `reserve` tokens must stay free in the context after the prompt (at least one to generate).
+    `reserve` tokens must stay free in the context after the prompt (at least one to generate); `size` limits are
+    checked before the tokenizer runs.
     """
     if messages and text:
         raise InvalidArgument(text_field, _short(text), f"give {messages_field} or {text_field}, not both")
+    if size is not None:
+        parts = [(f"{messages_field}[{i}].content", m.content) for i, m in enumerate(messages)]
+        check_prompt_size([*parts, (text_field, text)] if text else parts, size)
     if messages:
         prompt, where = engine.render(messages=chat_messages(messages, messages_field)), messages_field
     elif text.strip():

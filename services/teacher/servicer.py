@@ -11,6 +11,7 @@ import grpc
 
 from services.common import pb
 from services.common.errors import InvalidArgument, ResourceExhausted, grpc_method
+from services.common.prompt_size import off_loop
 from services.teacher import metrics
 from services.teacher.engine import FinishReason, Logprobs, TeacherEngine
 from services.teacher.inputs import check_length, check_token_ids, render_prompt
@@ -69,7 +70,8 @@ class TeacherServicer(pb.teacher_grpc.TeacherServiceServicer):
         self, request: pb.teacher.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.teacher.GenerateResponse]:
         sampling = sampling_from_proto(request.sampling, self.limits)
-        prompt, _ = render_prompt(self.engine, request.messages, request.prompt)
+        size = self.limits.prompt_size
+        prompt, _ = await off_loop(render_prompt, self.engine, request.messages, request.prompt, size=size)
         model = self.engine.info.name
         with self.streams.slot():
             submitted = last = time.monotonic()
@@ -113,7 +115,9 @@ class TeacherServicer(pb.teacher_grpc.TeacherServiceServicer):
             prompt_ids = list(request.prompt_token_ids)
             check_token_ids("prompt_token_ids", prompt_ids, info.vocab_size)
         else:
-            prompt_ids = render_prompt(self.engine, request.messages, request.prompt)[0].token_ids
+            size = self.limits.prompt_size
+            rendered = await off_loop(render_prompt, self.engine, request.messages, request.prompt, size=size)
+            prompt_ids = rendered[0].token_ids
         completion = list(request.completion_token_ids)
         if not completion:
             raise InvalidArgument("completion_token_ids", [], "empty: nothing to score")
