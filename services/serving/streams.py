@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.common.prompt_size import PromptSize, check_prompt_size, off_loop
+from services.common.prompt_size import PromptSize, check_prompt_size, off_loop, prompt_chars
 from services.serving.engine import Chunk, Sampling
 from services.serving.holder import EngineHolder
 from services.serving.metrics import OpenStreams
@@ -55,7 +55,7 @@ class StreamService:
                 engine = slot.engine
                 # The tokenizer runs on its own thread: a long prompt never stalls other streams or health checks.
                 encode = engine.encode_text if isinstance(prompt, str) else engine.encode_chat
-                ids = await off_loop(encode, prompt)
+                ids = await off_loop(encode, prompt, chars=prompt_chars(prompt))
                 if not ids:
                     raise InvalidArgument("prompt", prompt, "encodes to no tokens")
                 if len(ids) > self.limits.max_prompt_tokens:

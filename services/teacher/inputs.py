@@ -32,18 +32,13 @@ def render_prompt(
     messages_field: str = "messages",
     text_field: str = "prompt",
     reserve: int = 1,
-    size: PromptSize | None = None,
 ) -> tuple[Prompt, str]:
     """Exactly one of chat `messages` or raw `text` → (`Prompt`, the field it came from).
 
-    `reserve` tokens must stay free in the context after the prompt (at least one to generate); `size` limits are
-    checked before the tokenizer runs.
+    `reserve` tokens must stay free in the context after the prompt (at least one to generate).
     """
     if messages and text:
         raise InvalidArgument(text_field, _short(text), f"give {messages_field} or {text_field}, not both")
-    if size is not None:
-        parts = [(f"{messages_field}[{i}].content", m.content) for i, m in enumerate(messages)]
-        check_prompt_size([*parts, (text_field, text)] if text else parts, size)
     if messages:
         prompt, where = engine.render(messages=chat_messages(messages, messages_field)), messages_field
     elif text.strip():
@@ -52,6 +47,12 @@ def render_prompt(
         raise InvalidArgument(text_field, text, f"empty prompt: give {messages_field} or {text_field}")
     check_length(engine, len(prompt.token_ids), where, reserve)
     return prompt, where
+
+
+def check_size(messages: Sequence[pb.common.ChatMessage], text: str, size: PromptSize) -> None:
+    """The size limits, checked before anything is tokenized (ResourceExhausted naming the largest field)."""
+    parts = [(f"messages[{i}].content", m.content) for i, m in enumerate(messages)]
+    check_prompt_size([*parts, ("prompt", text)] if text else parts, size)
 
 
 def record_prompt(engine: TeacherEngine, record: pb.common.PromptRecord) -> Prompt:
