@@ -18,6 +18,7 @@ import grpc
 import pydantic
 
 from services.common import metrics
+from services.common.text import clip, clip_message
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class InvalidArgument(ServiceError, ValueError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, value: object, why: str) -> None:
-        super().__init__(f"{field}={value!r}: {why}")
+        super().__init__(f"{field}={clip(value)}: {why}")
         self.field = field
         self.value = value
 
@@ -56,18 +57,38 @@ class Unavailable(ServiceError):
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Maps an exception to (status code, client message)."""
     if isinstance(exc, ServiceError):
-        return exc.code, str(exc)
+        return exc.code, clip_message(str(exc))
     if isinstance(exc, pydantic.ValidationError):
-        parts = [f"{'.'.join(str(p) for p in err['loc'])}={err.get('input')!r}: {err['msg']}" for err in exc.errors()]
-        return grpc.StatusCode.INVALID_ARGUMENT, "; ".join(parts)
+        parts = [
+            f"{'.'.join(str(p) for p in err['loc'])}={clip(err.get('input'))}: {err['msg']}" for err in exc.errors()
+        ]
+        return grpc.StatusCode.INVALID_ARGUMENT, clip_message("; ".join(parts))
     if isinstance(exc, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        return grpc.StatusCode.INVALID_ARGUMENT, clip_message(str(exc))
     if isinstance(exc, KeyError | FileNotFoundError):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
+        return grpc.StatusCode.NOT_FOUND, clip_message(str(exc))
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Outcome:
+    """Counts one RPC in `distillery_grpc_requests_total` exactly once, whatever way it ends."""
+
+    def __init__(self, service: str, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.labels = (service, method)
+        self.counted = False
+        # A stream cancelled while grpc is writing its last message never sees the cancellation inside the
+        # servicer's generator (it is finalized later, or never): the RPC's done callback counts it.
+        add_done_callback = getattr(context, "add_done_callback", None)
+        if add_done_callback is not None:
+            add_done_callback(lambda _: self.count("CANCELLED"))
+
+    def count(self, code: str) -> None:
+        if not self.counted:
+            self.counted = True
+            metrics.GRPC_REQUESTS.labels(*self.labels, code).inc()
 
 
 def grpc_method(service: str) -> Callable[[F], F]:
@@ -76,43 +97,48 @@ def grpc_method(service: str) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
         method = fn.__name__
 
-        async def fail(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+        async def fail(exc: BaseException, context: grpc.aio.ServicerContext, outcome: _Outcome) -> None:
             code, message = status_for(exc)
             if code is grpc.StatusCode.INTERNAL:
                 logger.exception("%s.%s failed", service, method, exc_info=exc)
             else:
                 logger.info("%s.%s refused: %s %s", service, method, code.name, message)
-            metrics.GRPC_REQUESTS.labels(service, method, code.name).inc()
+            outcome.count(code.name)
             await context.abort(code, message)
 
         if inspect.isasyncgenfunction(fn):
 
             @functools.wraps(fn)
             async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                outcome = _Outcome(service, method, context)
                 try:
                     async for item in fn(self, request, context):
                         yield item
-                except asyncio.CancelledError:
-                    metrics.GRPC_REQUESTS.labels(service, method, "CANCELLED").inc()
+                except (asyncio.CancelledError, GeneratorExit):
+                    outcome.count("CANCELLED")
                     raise
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
-                    await fail(exc, context)
+                    await fail(exc, context, outcome)
                 else:
-                    metrics.GRPC_REQUESTS.labels(service, method, "OK").inc()
+                    outcome.count("OK")
 
             return stream  # type: ignore[return-value]
 
         @functools.wraps(fn)
         async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            outcome = _Outcome(service, method, context)
             try:
                 result = await fn(self, request, context)
-            except (asyncio.CancelledError, grpc.aio.AbortError):
+            except asyncio.CancelledError:
+                outcome.count("CANCELLED")
+                raise
+            except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await fail(exc, context)
-            metrics.GRPC_REQUESTS.labels(service, method, "OK").inc()
+                await fail(exc, context, outcome)
+            outcome.count("OK")
             return result
 
         return unary  # type: ignore[return-value]

@@ -20,6 +20,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import server_interceptors
+from services.common.guard import RequestGuard
 from services.common.metrics import start_metrics_server
 from services.common.security import bind_port, start_probe_server
 from services.common.settings import ServiceSettings
@@ -38,8 +39,11 @@ class GrpcServer:
     def __init__(self, name: str, settings: ServiceSettings) -> None:
         self.name = name
         self.settings = settings
+        self.guard = RequestGuard(settings.open_streams_limit)
         self.server = grpc.aio.server(
-            interceptors=server_interceptors(*settings.auth.server_tokens()),
+            # Tokens first (an unauthenticated caller reaches nothing); then undecodable requests → INVALID_ARGUMENT
+            # (not UNKNOWN) and long-lived streams limited below the RPC cap.
+            interceptors=[*server_interceptors(*settings.auth.server_tokens()), self.guard],
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

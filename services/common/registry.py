@@ -7,7 +7,9 @@
 
 A checkpoint is written into `<registry>/tmp/`, hashed, and renamed into place, so readers never see a half
 written one. `verify` refuses anything the manifest does not vouch for: a wrong sha256, a missing or extra
-file, and any weights that are not safetensors (pickle is never loaded), or a config asking for remote code.
+file, a name that leaves the folder or a symbolic link, any weights that are not safetensors (pickle is never
+loaded), or a config asking for remote code. `Registry.locate` is the only way a caller's reference (a version, a
+checkpoint id, a URI) becomes a folder: whatever it names must resolve inside `<registry>/checkpoints/`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -24,14 +27,30 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from services.common.text import clip
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "distillery.checkpoint.v1"
 #: Weight formats that can execute code when loaded: never accepted.
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".h5", ".msgpack")
 
 
+#: What a caller learns about a reference that is not one of this registry's checkpoints: the same words whether
+#: the path is missing, outside the registry, or an existing folder without a manifest (nothing else leaks).
+NOT_OURS = "not a checkpoint of this registry"
+CHECKPOINT_ID_RE = re.compile(r"^[0-9]{8}-[0-9a-f]{16}$")
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt or unsafe."""
+
+
+class NotInRegistry(CheckpointError):
+    """A reference that does not name a checkpoint folder of this registry (missing, elsewhere, or malformed)."""
+
+    def __init__(self, field: str, value: object) -> None:
+        super().__init__(f"{field}={clip(value)}: {NOT_OURS}")
+        self.field = field
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -50,13 +69,32 @@ def readable_by_all(folder: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def path_from_uri(uri: str) -> Path:
-    """`file:///x/y` or a plain path → Path."""
+def path_from_uri(uri: str, field: str = "registry_uri") -> Path:
+    """`file:///x/y` (or `file://localhost/x/y`) or a plain path → Path. A URI naming another host is refused:
+    `file://host/etc` must never be read as the local `/etc`."""
     if uri.startswith("file://"):
-        return Path(unquote(urlparse(uri).path))
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise CheckpointError(f"{field}={clip(uri)}: a file:// URI must not name a host")
+        return Path(unquote(parsed.path))
     if "://" in uri:
-        raise CheckpointError(f"registry_uri={uri!r}: only file:// URIs and paths are supported")
+        raise CheckpointError(f"{field}={clip(uri)}: only file:// URIs and paths are supported")
     return Path(uri)
+
+
+def checkpoint_id_of(uri: str) -> str:
+    """The checkpoint id a URI ends in (`…/checkpoints/00000007-3f2a…` → `00000007-3f2a…`), else `uri` unchanged
+    (which `Registry.locate` then refuses). Announced checkpoints are looked up by id in the reader's own registry:
+    the volume may be mounted at another path there, and nothing outside it can be named."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return name if CHECKPOINT_ID_RE.fullmatch(name) else uri
+
+
+def plain_name(name: object) -> bool:
+    """A manifest entry: a relative POSIX path of plain parts (no '..', '.', empty part, backslash or NUL)."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or "\x00" in name:
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
 
 
 def uri_for(path: Path) -> str:
@@ -79,8 +117,9 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Manifest:
-        if data.get("format") != MANIFEST_FORMAT:
-            raise CheckpointError(f"manifest format={data.get('format')!r} is not {MANIFEST_FORMAT!r}")
+        if not isinstance(data, Mapping) or data.get("format") != MANIFEST_FORMAT:
+            got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+            raise CheckpointError(f"manifest format={clip(got)} is not {MANIFEST_FORMAT!r}")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -101,40 +140,52 @@ class Checkpoint:
 
 
 def verify(path: Path) -> Checkpoint:
-    """Checks a checkpoint folder against its manifest; raises CheckpointError saying what is wrong."""
+    """Checks a checkpoint folder against its manifest; raises CheckpointError saying what is wrong.
+
+    Messages name the folder by its own name and only ever describe files inside it."""
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path.name} does not exist")
     manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}")
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path.name} has no {MANIFEST}")
     raw = manifest_path.read_bytes()
     try:
         manifest = Manifest.from_json(json.loads(raw))
+        if not isinstance(manifest.files, dict) or not all(isinstance(m, dict) for m in manifest.files.values()):
+            raise TypeError("files must map names to {sha256, bytes}")
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest: {exc}") from exc
+        raise CheckpointError(f"{path.name}: unreadable manifest: {clip(exc)}") from exc
+    for name in sorted(manifest.files):
+        if not plain_name(name):
+            raise CheckpointError(f"{path.name}: manifest names {clip(name)}; only names inside the folder are allowed")
+    links = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_symlink())
+    if links:
+        raise CheckpointError(f"{path.name}: {clip(links)} are symbolic links; a checkpoint holds regular files only")
     present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST}
     for name in sorted(present):
         if name.endswith(UNSAFE_SUFFIXES):
-            raise CheckpointError(f"{path}: {name} is not safetensors; only safetensors weights are loaded")
+            raise CheckpointError(f"{path.name}: {name} is not safetensors; only safetensors weights are loaded")
     extra = present - set(manifest.files)
     if extra:
-        raise CheckpointError(f"{path}: files not in the manifest: {sorted(extra)}")
+        raise CheckpointError(f"{path.name}: files not in the manifest: {clip(sorted(extra))}")
     if not any(name.endswith(".safetensors") for name in manifest.files):
-        raise CheckpointError(f"{path}: the manifest lists no .safetensors weights")
+        raise CheckpointError(f"{path.name}: the manifest lists no .safetensors weights")
     for name, meta in manifest.files.items():
         if name.endswith(UNSAFE_SUFFIXES):
-            raise CheckpointError(f"{path}: manifest lists {name}, which is not safetensors")
+            raise CheckpointError(f"{path.name}: manifest lists {name}, which is not safetensors")
         file = path / name
         if not file.is_file():
-            raise CheckpointError(f"{path}: {name} is listed in the manifest but missing")
+            raise CheckpointError(f"{path.name}: {name} is listed in the manifest but missing")
         if file.stat().st_size != meta.get("bytes"):
-            raise CheckpointError(f"{path}: {name} is {file.stat().st_size} bytes, manifest says {meta.get('bytes')}")
+            raise CheckpointError(
+                f"{path.name}: {name} is {file.stat().st_size} bytes, manifest says {meta.get('bytes')}"
+            )
         actual = sha256_file(file)
         if actual != meta.get("sha256"):
-            raise CheckpointError(f"{path}: sha256 of {name} is {actual}, manifest says {meta.get('sha256')}")
+            raise CheckpointError(f"{path.name}: sha256 of {name} is {actual}, manifest says {meta.get('sha256')}")
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     if "auto_map" in config:
-        raise CheckpointError(f"{path}: config.json asks for remote code (auto_map); refused")
+        raise CheckpointError(f"{path.name}: config.json asks for remote code (auto_map); refused")
     return Checkpoint(path=path, manifest=manifest, manifest_sha256=hashlib.sha256(raw).hexdigest())
 
 
@@ -234,6 +285,53 @@ class Registry:
             if ckpt.version == version:
                 return ckpt
         raise KeyError(f"no checkpoint with version {version} in {self.root}")
+
+    def locate(self, reference: str, field: str = "registry_uri") -> Path:
+        """The checkpoint folder a caller's reference names: a checkpoint id (`00000007-3f2a…`), a `file://` URI or
+        an absolute path. It must resolve (symbolic links followed) to a folder directly under
+        `<registry>/checkpoints/`; anything else raises NotInRegistry, saying nothing about what is there."""
+        if CHECKPOINT_ID_RE.fullmatch(reference):
+            path = self.root / "checkpoints" / reference
+        else:
+            path = path_from_uri(reference, field)
+            if not path.is_absolute():
+                raise NotInRegistry(field, reference)
+        try:
+            resolved = path.resolve(strict=True)
+            home = (self.root / "checkpoints").resolve(strict=True)
+            inside = resolved.parent == home and resolved.is_dir()
+        except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, a NUL byte
+            inside = False
+        if not inside or not CHECKPOINT_ID_RE.fullmatch(resolved.name):
+            raise NotInRegistry(field, reference)
+        return resolved
+
+    def find(self, *, version: int = 0, run_id: str = "", checkpoint_id: str = "", uri: str = "") -> Path:
+        """The folder of the one checkpoint a request names: by `version` (optionally checked against `run_id`), by
+        `checkpoint_id`, or by `uri`; raises NotInRegistry (or CheckpointError for a request that names none or
+        several)."""
+        given = [name for name, value in (("version", version), ("checkpoint_id", checkpoint_id),
+                                          ("registry_uri", uri)) if value]  # fmt: skip
+        if len(given) != 1:
+            raise CheckpointError(f"{'/'.join(given) or 'version'}: name one checkpoint by version (with its run_id), "
+                                  "checkpoint_id or registry_uri")  # fmt: skip
+        if version:
+            try:
+                ckpt = self.get(version)
+            except KeyError:
+                raise NotInRegistry("version", version) from None
+            if run_id and ckpt.manifest.run_id != run_id:
+                raise NotInRegistry("run_id", run_id)
+            return self.locate(ckpt.path.name, "version")
+        path = self.locate(checkpoint_id, "checkpoint_id") if checkpoint_id else self.locate(uri)
+        if run_id:
+            try:
+                owner = Manifest.from_json(json.loads((path / MANIFEST).read_bytes())).run_id
+            except (OSError, ValueError, TypeError):
+                owner = None
+            if owner != run_id:
+                raise NotInRegistry("run_id", run_id)
+        return path
 
     def latest(self, run_id: str | None = None) -> Checkpoint | None:
         found = self.checkpoints(run_id)

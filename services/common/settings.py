@@ -138,8 +138,12 @@ class ServiceSettings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     grace_period_s: float = Field(10.0, ge=0, le=600)
     """On SIGTERM: how long in-flight RPCs get to finish."""
-    max_concurrent_rpcs: int = Field(256, ge=1, le=100_000)
+    max_concurrent_rpcs: int = Field(256, ge=2, le=100_000)
     """Requests beyond this are refused with RESOURCE_EXHAUSTED by gRPC itself."""
+    max_open_streams: int | None = Field(None, ge=1, le=100_000)
+    """Long-lived server streams (Generate, WatchRun) open at once; one more is refused with RESOURCE_EXHAUSTED.
+    It must stay below `max_concurrent_rpcs`, so streams can never take the slots health checks need (a liveness
+    probe failing on a busy but healthy service). Unset: `max_concurrent_rpcs` less an eighth (at least 16)."""
     kafka: KafkaSettings = Field(default_factory=lambda: KafkaSettings())
     tls: TlsSettings = Field(default_factory=lambda: TlsSettings())
     """gRPC TLS and mTLS; read from `DISTILLERY_TLS_*`, shared with the clients of the same process tree."""
@@ -150,6 +154,22 @@ class ServiceSettings(BaseSettings):
     unreachable this long, and SERVING again as soon as it is back. Serving ignores it: it keeps serving its model."""
     kafka_check_interval_s: float = Field(2.0, gt=0, le=600)
     """How often a Kafka-bound service checks the broker (and recreates topics that are missing)."""
+
+    @model_validator(mode="after")
+    def _streams_leave_room(self) -> ServiceSettings:
+        if self.max_open_streams is not None and self.max_open_streams >= self.max_concurrent_rpcs:
+            raise ValueError(
+                f"max_open_streams={self.max_open_streams} must be below max_concurrent_rpcs={self.max_concurrent_rpcs}"
+                " (health checks need room)"
+            )
+        return self
+
+    @property
+    def open_streams_limit(self) -> int:
+        """`max_open_streams`, or `max_concurrent_rpcs` less an eighth (at least 16 slots, at least one stream)."""
+        if self.max_open_streams is not None:
+            return self.max_open_streams
+        return max(1, self.max_concurrent_rpcs - max(16, self.max_concurrent_rpcs // 8))
 
     @property
     def registry(self) -> Path:

@@ -15,7 +15,7 @@ from services.common.grpc_server import GrpcServer
 from services.common.kafka import ensure_topics
 from services.common.logs import setup_logging
 from services.common.models import check_safe_folder, parameter_count, resolve_model
-from services.common.registry import Registry
+from services.common.registry import CheckpointError, Registry, checkpoint_id_of
 from services.serving import metrics
 from services.serving.engine import EngineFactory, VllmEngine
 from services.serving.holder import EngineHolder
@@ -46,7 +46,7 @@ class ServingApp:
         self.streams = StreamService(self.holder, settings.limits)
         self.server = GrpcServer("serving", settings)
         pb.serving_grpc.add_ServingServiceServicer_to_server(
-            ServingServicer(self.streams, self.swapper), self.server.server
+            ServingServicer(self.streams, self.swapper, self.registry), self.server.server
         )
         self.server.add_service_name(SERVICE_NAME)
         self.watcher: CheckpointWatcher | None = None
@@ -81,8 +81,8 @@ class ServingApp:
         """Newest promoted checkpoints first, then the configured initial model."""
         for version in reversed(self.registry.promoted_versions()):
             try:
-                yield load_checkpoint(self.registry.get(version).uri)
-            except (KeyError, SwapRefused) as exc:
+                yield load_checkpoint(self.registry, self.registry.get(version).path.name)
+            except (KeyError, CheckpointError, SwapRefused) as exc:
                 logger.error(
                     "skipping a promoted checkpoint that does not verify", extra={"version": version, "error": str(exc)}
                 )
@@ -112,11 +112,14 @@ class ServingApp:
             logger.info("ignored a checkpoint that is not newer", extra={"version": event.version, "served": served})
             return None
         try:
-            model = await asyncio.to_thread(load_checkpoint, event.registry_uri, event.version, event.manifest_sha256)
-        except SwapRefused as exc:
+            # The event is read from Kafka: it names a checkpoint of this service's registry or nothing.
+            ref = checkpoint_id_of(event.registry_uri)
+            model = await asyncio.to_thread(load_checkpoint, self.registry, ref, event.version, event.manifest_sha256)
+        except (CheckpointError, SwapRefused) as exc:
             metrics.SWAPS.labels("failed").inc()
+            why = exc.why if isinstance(exc, SwapRefused) else str(exc)
             logger.error(
-                "refused promoted checkpoint version %d: %s", event.version, exc.why, extra={"version": event.version}
+                "refused promoted checkpoint version %d: %s", event.version, why, extra={"version": event.version}
             )
             return f"checkpoint version {event.version} refused: {exc.why}"
         try:

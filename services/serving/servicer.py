@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common import pb
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, grpc_method
-from services.common.registry import CheckpointError, path_from_uri
+from services.common.registry import CheckpointError, NotInRegistry, Registry
 from services.serving.engine import Sampling
 from services.serving.model import ModelInfo
 from services.serving.settings import LimitSettings
@@ -134,9 +134,10 @@ def model_to_proto(model: ModelInfo) -> pb.serving.ModelInfo:
 
 
 class ServingServicer(pb.serving_grpc.ServingServiceServicer):
-    def __init__(self, streams: StreamService, swapper: Swapper) -> None:
+    def __init__(self, streams: StreamService, swapper: Swapper, registry: Registry) -> None:
         self.streams = streams
         self.swapper = swapper
+        self.registry = registry
 
     @grpc_method("serving")
     async def Generate(self, request: pb.serving.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -166,14 +167,16 @@ class ServingServicer(pb.serving_grpc.ServingServiceServicer):
     async def LoadModel(
         self, request: pb.serving.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.serving.LoadModelResponse:
-        if not request.registry_uri:
-            raise InvalidArgument("registry_uri", "", "give a registry checkpoint URI or folder")
         try:
-            path = path_from_uri(request.registry_uri)
+            path = self.registry.find(
+                version=request.version, run_id=request.run_id, checkpoint_id=request.checkpoint_id,
+                uri=request.registry_uri,
+            )  # fmt: skip
+        except NotInRegistry as exc:
+            raise NotFound(str(exc)) from exc
         except CheckpointError as exc:
-            raise InvalidArgument("registry_uri", request.registry_uri, str(exc)) from exc
-        if not path.is_dir():
-            raise NotFound(f"registry_uri={request.registry_uri!r}: no checkpoint folder at {path}")
-        model = await asyncio.to_thread(load_checkpoint, request.registry_uri)  # hashing every file takes a while
+            raise InvalidArgument("registry_uri", request.registry_uri, str(exc).split(": ", 1)[-1]) from exc
+        # Hashing every file takes a while: off the event loop.
+        model = await asyncio.to_thread(load_checkpoint, self.registry, path.name)
         result = await self.swapper.swap_to(model, allow_older=request.allow_older)
         return pb.serving.LoadModelResponse(model=model_to_proto(result.model), swap_s=result.seconds)

@@ -16,6 +16,10 @@ class LimitSettings(BaseModel):
 
     max_prompt_tokens: int = Field(1024, ge=1, le=1_000_000)
     """Longest prompt, in tokens (after the chat template)."""
+    max_prompt_chars: int = Field(100_000, ge=1, le=100_000_000)
+    """Longest prompt in characters (prompt text or all message contents), checked before the tokenizer runs."""
+    max_prompt_bytes: int = Field(400_000, ge=1, le=400_000_000)
+    """Longest prompt in UTF-8 bytes, checked before the tokenizer runs."""
     max_tokens: int = Field(1024, ge=1, le=1_000_000)
     """Largest `sampling.max_tokens` a request may ask for."""
     default_max_tokens: int = Field(256, ge=1, le=1_000_000)

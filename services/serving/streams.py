@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.prompt_size import PromptSize, check_prompt_size, off_loop, prompt_chars
 from services.serving.engine import Chunk, Sampling
 from services.serving.holder import EngineHolder
 from services.serving.metrics import OpenStreams
@@ -36,6 +37,12 @@ class StreamService:
         self.open = OpenStreams()
 
     async def generate(self, prompt: Prompt, sampling: Sampling, request_id: str = "") -> AsyncIterator[StreamChunk]:
+        parts = (
+            [("prompt", prompt)]
+            if isinstance(prompt, str)
+            else [(f"messages[{i}].content", content) for i, (_, content) in enumerate(prompt)]
+        )
+        check_prompt_size(parts, PromptSize(self.limits.max_prompt_chars, self.limits.max_prompt_bytes))
         if len(self.open) >= self.limits.max_concurrent_streams:
             raise ResourceExhausted(
                 f"{len(self.open)} streams are open; the limit is {self.limits.max_concurrent_streams} "
@@ -46,7 +53,9 @@ class StreamService:
         try:
             async with self.holder.lease() as slot:
                 engine = slot.engine
-                ids = engine.encode_text(prompt) if isinstance(prompt, str) else engine.encode_chat(prompt)
+                # The tokenizer runs on its own thread: a long prompt never stalls other streams or health checks.
+                encode = engine.encode_text if isinstance(prompt, str) else engine.encode_chat
+                ids = await off_loop(encode, prompt, chars=prompt_chars(prompt))
                 if not ids:
                     raise InvalidArgument("prompt", prompt, "encodes to no tokens")
                 if len(ids) > self.limits.max_prompt_tokens:

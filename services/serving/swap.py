@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.registry import CheckpointError, path_from_uri, verify
+from services.common.registry import CheckpointError, NotInRegistry, Registry, verify
 from services.serving import metrics
 from services.serving.engine import Engine, EngineFactory
 from services.serving.holder import EngineHolder, Slot
@@ -50,10 +50,14 @@ class SwapResult:
     path: str  # "reload", "engine" or "in_place"
 
 
-def load_checkpoint(uri: str, expect_version: int | None = None, expect_manifest: str = "") -> ModelInfo:
-    """Verifies a registry checkpoint (sha256 of every file, safetensors only) and describes it."""
+def load_checkpoint(
+    registry: Registry, uri: str, expect_version: int | None = None, expect_manifest: str = ""
+) -> ModelInfo:
+    """Verifies a checkpoint of `registry` (confined to it; sha256 of every file, safetensors only), describes it."""
     try:
-        ckpt = verify(path_from_uri(uri))
+        ckpt = verify(registry.locate(uri))
+    except NotInRegistry:
+        raise
     except CheckpointError as exc:
         raise SwapRefused(uri, str(exc)) from exc
     if expect_version is not None and ckpt.version != expect_version:

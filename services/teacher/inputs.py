@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from services.common import pb
 from services.common.errors import InvalidArgument
+from services.common.prompt_size import PromptSize, check_prompt_size
 from services.teacher.engine import Prompt, TeacherEngine
 
 ROLES = ("system", "user", "assistant")
@@ -46,6 +47,12 @@ def render_prompt(
         raise InvalidArgument(text_field, text, f"empty prompt: give {messages_field} or {text_field}")
     check_length(engine, len(prompt.token_ids), where, reserve)
     return prompt, where
+
+
+def check_size(messages: Sequence[pb.common.ChatMessage], text: str, size: PromptSize) -> None:
+    """The size limits, checked before anything is tokenized (ResourceExhausted naming the largest field)."""
+    parts = [(f"messages[{i}].content", m.content) for i, m in enumerate(messages)]
+    check_prompt_size([*parts, ("prompt", text)] if text else parts, size)
 
 
 def record_prompt(engine: TeacherEngine, record: pb.common.PromptRecord) -> Prompt:

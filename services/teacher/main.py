@@ -20,6 +20,7 @@ from services.common.kafka import ensure_topics
 from services.common.kafka_health import KafkaHealth
 from services.common.logs import setup_logging
 from services.common.models import parameter_count, resolve_model
+from services.common.prompt_size import PromptSize
 from services.common.registry import sha256_file
 from services.teacher import metrics
 from services.teacher.engine import TeacherEngine, VllmTeacherEngine
@@ -60,6 +61,7 @@ def limits_for(engine: TeacherEngine, settings: TeacherSettings) -> Limits:
         default_top_k=min(settings.default_top_k, info.max_logprobs),
         default_max_tokens=settings.default_max_tokens,
         default_temperature=settings.default_temperature,
+        prompt_size=PromptSize(settings.max_prompt_chars, settings.max_prompt_bytes),
     )
 
 

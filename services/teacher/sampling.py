@@ -16,6 +16,7 @@ from typing import Any
 
 from services.common import pb
 from services.common.errors import InvalidArgument
+from services.common.prompt_size import PromptSize
 
 MAX_STOP_STRINGS = 16
 
@@ -31,6 +32,7 @@ class Limits:
     default_top_k: int = 20
     default_max_tokens: int = 256
     default_temperature: float = 1.0
+    prompt_size: PromptSize = field(default_factory=PromptSize)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ import grpc
 
 from services.common import pb
 from services.common.errors import InvalidArgument, ResourceExhausted, grpc_method
+from services.common.prompt_size import off_loop, prompt_chars
 from services.teacher import metrics
 from services.teacher.engine import FinishReason, Logprobs, TeacherEngine
-from services.teacher.inputs import check_length, check_token_ids, render_prompt
+from services.teacher.inputs import check_length, check_size, check_token_ids, render_prompt
 from services.teacher.sampling import Limits, sampling_from_proto
 
 FINISH_REASONS: dict[FinishReason | None, int] = {
@@ -69,7 +70,9 @@ class TeacherServicer(pb.teacher_grpc.TeacherServiceServicer):
         self, request: pb.teacher.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.teacher.GenerateResponse]:
         sampling = sampling_from_proto(request.sampling, self.limits)
-        prompt, _ = render_prompt(self.engine, request.messages, request.prompt)
+        check_size(request.messages, request.prompt, self.limits.prompt_size)
+        chars = prompt_chars(request.prompt or request.messages)
+        prompt, _ = await off_loop(render_prompt, self.engine, request.messages, request.prompt, chars=chars)
         model = self.engine.info.name
         with self.streams.slot():
             submitted = last = time.monotonic()
@@ -113,7 +116,10 @@ class TeacherServicer(pb.teacher_grpc.TeacherServiceServicer):
             prompt_ids = list(request.prompt_token_ids)
             check_token_ids("prompt_token_ids", prompt_ids, info.vocab_size)
         else:
-            prompt_ids = render_prompt(self.engine, request.messages, request.prompt)[0].token_ids
+            check_size(request.messages, request.prompt, self.limits.prompt_size)
+            chars = prompt_chars(request.prompt or request.messages)
+            rendered = await off_loop(render_prompt, self.engine, request.messages, request.prompt, chars=chars)
+            prompt_ids = rendered[0].token_ids
         completion = list(request.completion_token_ids)
         if not completion:
             raise InvalidArgument("completion_token_ids", [], "empty: nothing to score")

@@ -50,6 +50,11 @@ class TeacherSettings(ServiceSettings):
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     max_concurrent_streams: int = Field(64, ge=1, le=100_000)
     """Generate streams open at once; more are refused with RESOURCE_EXHAUSTED."""
+    max_prompt_chars: int = Field(100_000, ge=1, le=100_000_000)
+    """Longest Generate/Score prompt in characters (prompt text or all message contents), checked before the
+    tokenizer runs; longer is refused with RESOURCE_EXHAUSTED."""
+    max_prompt_bytes: int = Field(400_000, ge=1, le=400_000_000)
+    """Longest Generate/Score prompt in UTF-8 bytes, checked like `max_prompt_chars`."""
     default_top_k: int = Field(20, ge=1, le=100)
     """Top-k logprobs per token when a request does not say (capped by vllm.max_logprobs)."""
     default_max_tokens: int = Field(256, ge=1, le=1_000_000)

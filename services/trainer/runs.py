@@ -27,7 +27,8 @@ from services.common import pb
 from services.common.errors import FailedPrecondition, NotFound, ServiceError
 from services.common.kafka import ProtoProducer
 from services.common.models import parameter_count
-from services.common.registry import Registry
+from services.common.registry import Checkpoint, Registry
+from services.trainer import budget
 from services.trainer.loop import TrainingRun
 from services.trainer.settings import TrainerSettings
 from services.trainer.spec import complete, from_json, teacher_config_of, to_json
@@ -35,6 +36,10 @@ from services.trainer.spec import complete, from_json, teacher_config_of, to_jso
 logger = logging.getLogger(__name__)
 
 TERMINAL = (pb.trainer.RUN_STATE_SUCCEEDED, pb.trainer.RUN_STATE_FAILED, pb.trainer.RUN_STATE_STOPPED)
+
+
+class _StoppedBeforeStart(Exception):
+    """StopRun arrived before the worker began the run."""
 
 
 class AlreadyExists(ServiceError):
@@ -47,6 +52,11 @@ class RunRecord:
     stop: threading.Event = field(default_factory=threading.Event)
     evaluate_on_stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    #: "starting" from the moment the worker takes the run until its first optimizer step of this attempt,
+    #: "training" after, "" otherwise. Persisted: a trainer that died while a run was starting (killed for memory,
+    #: say) marks that run FAILED at its next start instead of resuming it into the same death (a crash loop).
+    phase: str = ""
+    start_step: int = 0
 
 
 class Watchers:
@@ -107,6 +117,7 @@ class RunManager:
             "state": pb.trainer.RunState.Name(info.progress.state),
             "created_at": info.created_at.ToJsonString(),
             "error": info.progress.error,
+            "phase": rec.phase,
             "updated_at": time.time(),
         }
         path = self.settings.runs_dir / f"{info.spec.run_id}.json"
@@ -135,7 +146,14 @@ class RunManager:
             if latest is not None:
                 info.progress.step = latest.manifest.step
                 info.progress.last_checkpoint_version = latest.version
-            self.runs[spec.run_id] = RunRecord(info)
+            rec = RunRecord(info)
+            self.runs[spec.run_id] = rec
+            if state == pb.trainer.RUN_STATE_RUNNING and data.get("phase") == "starting":
+                info.progress.error = ("the trainer stopped while this run was starting (killed, e.g. for memory); "
+                                       "not resumed: start it again, smaller")  # fmt: skip
+                logger.error("run died while starting; marked FAILED", extra={"run_id": spec.run_id})
+                self._finish(rec, pb.trainer.RUN_STATE_FAILED)
+                continue
             if state in (pb.trainer.RUN_STATE_RUNNING, pb.trainer.RUN_STATE_QUEUED):
                 order = 0 if state == pb.trainer.RUN_STATE_RUNNING else 1
                 resumable.append((order, info.created_at.ToNanoseconds(), spec.run_id))
@@ -152,7 +170,9 @@ class RunManager:
     # --- RPC operations ------------------------------------------------------------------------------------------
 
     def start_run(self, spec: pb.trainer.RunSpec) -> pb.trainer.RunInfo:
-        full = complete(spec, self.teacher_config, self.settings.checker_modules)  # InvalidArgument naming the field
+        memory = int(budget.machine_bytes() * self.settings.run_memory_fraction)
+        # InvalidArgument naming the field; ResourceExhausted when the run would not fit in memory.
+        full = complete(spec, self.teacher_config, self.settings.checker_modules, self.registry, memory)
         with self.lock:
             if full.run_id in self.runs:
                 raise AlreadyExists(f"spec.run_id={full.run_id!r}: a run with this id exists")
@@ -177,7 +197,8 @@ class RunManager:
             return self._snapshot(self._record(run_id))
 
     def stop(self, run_id: str, evaluate: bool = False) -> pb.trainer.RunInfo:
-        """Stops a queued or running run; a running one checkpoints first (evaluated and gated with `evaluate`)."""
+        """Stops a run in any state: a queued one at once; a running one checkpoints first (evaluated and gated with
+        `evaluate`); one marked running with no worker (not resumed) at once. A finished run stays as it is."""
         with self.lock:
             rec = self._record(run_id)
             if run_id in self.queue:
@@ -187,6 +208,10 @@ class RunManager:
                 if evaluate:
                     rec.evaluate_on_stop.set()
                 rec.stop.set()  # the worker checkpoints and marks it STOPPED
+                if self.active != run_id or rec.thread is None or not rec.thread.is_alive():
+                    self._finish(rec, pb.trainer.RUN_STATE_STOPPED)
+            elif rec.info.progress.state not in TERMINAL:
+                self._finish(rec, pb.trainer.RUN_STATE_STOPPED)
             return self._snapshot(rec)
 
     def _record(self, run_id: str) -> RunRecord:
@@ -226,6 +251,7 @@ class RunManager:
             self.active = run_id
             rec.info.progress.state = pb.trainer.RUN_STATE_RUNNING
             rec.info.progress.updated_at.CopyFrom(_now())
+            rec.phase, rec.start_step = "starting", rec.info.progress.step
             self._persist(rec)
             rec.thread = threading.Thread(target=self._work, args=(rec,), name=f"train-{run_id}", daemon=True)
             rec.thread.start()
@@ -237,6 +263,9 @@ class RunManager:
             rec.info.progress.CopyFrom(progress)
             rec.info.progress.state = state
             rec.info.student_parameters = run.student_parameters
+            if rec.phase == "starting" and progress.step > rec.start_step:
+                rec.phase = "training"
+                self._persist(rec)
         self.watchers.notify()
 
     def _work(self, rec: RunRecord) -> None:
@@ -245,6 +274,8 @@ class RunManager:
         error = ""
         run: TrainingRun | None = None
         try:
+            if rec.stop.is_set():
+                raise _StoppedBeforeStart
             run = TrainingRun(
                 self.settings, spec, self.teacher_dir, self.registry, self.producer,
                 lambda p: self._on_progress(rec, p, run),  # type: ignore[arg-type]
@@ -252,13 +283,17 @@ class RunManager:
                 rec.evaluate_on_stop,
             )  # fmt: skip
             final = run.run()
+        except _StoppedBeforeStart:
+            final = pb.trainer.RUN_STATE_STOPPED
         except Exception as exc:
             logger.exception("run failed", extra={"run_id": spec.run_id})
             final, error = pb.trainer.RUN_STATE_FAILED, f"{type(exc).__name__}: {exc}"
         with self.lock:
             self.active = None
+            rec.phase = ""
             if self.shutting_down and final != pb.trainer.RUN_STATE_FAILED:
                 # Stopped by a graceful shutdown, not by StopRun: stays RUNNING on disk, resumed at next start.
+                self._persist(rec)  # the phase: it did not die while starting
                 rec.info.progress.state = pb.trainer.RUN_STATE_STOPPED
             else:
                 rec.info.progress.error = error
@@ -281,6 +316,11 @@ class RunManager:
             active.thread.join(timeout_s)
             if active.thread.is_alive():
                 logger.warning("run did not stop in time", extra={"run_id": active.info.spec.run_id})
+
+    def wrote(self, ckpt: Checkpoint) -> bool:
+        """Whether a checkpoint was written by one of this trainer's runs (in its registry, under its run id)."""
+        with self.lock:
+            return ckpt.path.parent == self.registry.root / "checkpoints" and ckpt.manifest.run_id in self.runs
 
     def checkpoints(self, run_id: str, promoted_only: bool) -> list[Any]:
         if run_id and run_id not in self.runs and not self.registry.checkpoints(run_id):

@@ -10,7 +10,8 @@ import grpc
 from services.common import pb
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, grpc_method
 from services.common.kafka import ProtoProducer
-from services.common.registry import Checkpoint, CheckpointError, Registry, path_from_uri, verify
+from services.common.registry import Checkpoint, CheckpointError, NotInRegistry, Registry, verify
+from services.common.text import clip
 from services.trainer import metrics
 from services.trainer.checkpoint import checkpoint_event, checkpoint_proto
 from services.trainer.runs import RunManager
@@ -68,26 +69,25 @@ class TrainerServicer(pb.trainer_grpc.TrainerServiceServicer):  # type: ignore[m
         return pb.trainer.PromoteCheckpointResponse(checkpoint=checkpoint_proto(ckpt, True))
 
     def _promote(self, request: pb.trainer.PromoteCheckpointRequest) -> Checkpoint:
-        if request.version and request.registry_uri:
-            raise InvalidArgument("registry_uri", request.registry_uri, "give either version or registry_uri")
-        if request.version:
-            try:
-                path = self.registry.get(request.version).path
-            except KeyError as exc:
-                raise NotFound(f"version={request.version}: no such checkpoint") from exc
-        elif request.registry_uri:
-            try:
-                path = path_from_uri(request.registry_uri)
-            except CheckpointError as exc:
-                raise InvalidArgument("registry_uri", request.registry_uri, str(exc)) from exc
-            if not path.is_dir():
-                raise NotFound(f"registry_uri={request.registry_uri!r}: no such checkpoint")
-        else:
-            raise InvalidArgument("version", 0, "give a checkpoint version or registry_uri")
+        """Promotes a checkpoint this trainer wrote: it must be in its registry and belong to one of its runs."""
+        try:
+            path = self.registry.find(
+                version=request.version, run_id=request.run_id, checkpoint_id=request.checkpoint_id,
+                uri=request.registry_uri,
+            )  # fmt: skip
+        except NotInRegistry as exc:
+            raise NotFound(str(exc)) from exc
+        except CheckpointError as exc:
+            raise InvalidArgument("version", request.version, str(exc).split(": ", 1)[-1]) from exc
         try:
             ckpt = verify(path)
         except CheckpointError as exc:
             raise FailedPrecondition(f"checkpoint {path.name} fails verification: {exc}") from exc
+        if not self.manager.wrote(ckpt):
+            raise FailedPrecondition(
+                f"checkpoint {path.name} belongs to run {clip(ckpt.manifest.run_id)}, which is not a run of this "
+                "trainer: it promotes only what it wrote"
+            )
         # Announced first, marked promoted only once the broker acknowledged it: the registry never lists a promotion
         # serving was not told about (a failed announcement fails the call, and nothing is promoted).
         self.producer.send_and_wait(self.topic, ckpt.manifest.run_id, checkpoint_event(ckpt, True), timeout_s=30)

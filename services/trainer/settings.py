@@ -65,6 +65,11 @@ class TrainerSettings(ServiceSettings):
     """Training samples a pruned student is calibrated on when its recipe does not say (the first ones of the
     run's stream: the user's own prompts and the teacher's answers)."""
 
+    run_memory_fraction: float = Field(0.8, gt=0, le=1)
+    """A run whose estimated memory (student weights, gradients and Adam state in fp32, the teacher's weights when
+    pruning, the batch's logits) exceeds this fraction of the machine's memory (or of the container's limit) is
+    refused at StartRun with RESOURCE_EXHAUSTED, instead of getting the trainer killed."""
+
     @field_validator("cpu_bind")
     @classmethod
     def _cpu_list(cls, value: str) -> str:

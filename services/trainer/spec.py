@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -12,9 +13,10 @@ from typing import Any
 from google.protobuf import json_format
 
 from services.common import pb
-from services.common.errors import InvalidArgument
-from services.common.registry import CheckpointError, path_from_uri, verify
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.registry import CheckpointError, Registry, uri_for, verify
 from services.tasks import CheckerError, parse_checker
+from services.trainer import budget
 from services.trainer.losses import LossWeights
 from services.trainer.recipes import GATE_METRICS, with_defaults
 from services.trainer.student import resolve_shape
@@ -27,21 +29,54 @@ def new_run_id() -> str:
 
 
 def _range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
-    # `not low <= value` also refuses NaN, which every comparison answers False.
-    if not low <= value <= high or (low_open and value == low):
+    # `not low <= value` also refuses NaN, which every comparison answers False; isfinite says so plainly.
+    if not math.isfinite(value) or not low <= value <= high or (low_open and value == low):
         bracket = "(" if low_open else "["
         raise InvalidArgument(field, value, f"must be in {bracket}{low}, {high}]")
 
 
 def complete(
-    spec: pb.trainer.RunSpec, teacher_config: dict[str, Any] | None, checker_modules: list[str] | None = None
+    spec: pb.trainer.RunSpec,
+    teacher_config: dict[str, Any] | None,
+    checker_modules: list[str] | None = None,
+    registry: Registry | None = None,
+    memory_bytes: int | None = None,
 ) -> pb.trainer.RunSpec:
-    """Defaults filled, a run id assigned when empty, and every field validated; raises InvalidArgument."""
+    """Defaults filled, a run id assigned when empty, and every field validated; raises InvalidArgument (or
+    ResourceExhausted when the run would need more than `memory_bytes`). An init_checkpoint must be a checkpoint of
+    `registry`; it is rewritten to that checkpoint's URI."""
     full = with_defaults(spec, teacher_config)
     if not full.run_id:
         full.run_id = new_run_id()
-    validate(full, teacher_config, checker_modules or [])
+    validate(full, teacher_config, checker_modules or [], registry)
+    if memory_bytes is not None and teacher_config is not None:
+        check_memory(full, teacher_config, memory_bytes)
     return full
+
+
+def check_memory(spec: pb.trainer.RunSpec, teacher_config: dict[str, Any], memory_bytes: int) -> None:
+    """Refuses a run whose estimated peak memory is more than `memory_bytes` (see `budget.run_bytes`)."""
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig.from_dict(teacher_config)
+    source = spec.student.WhichOneof("source")
+    if source == "init_checkpoint":
+        return  # its size is bounded by what this trainer wrote
+    want = spec.student.config if source == "config" else spec.student.pruned
+    shape = resolve_shape(config, want, field=f"spec.student.{source or 'pruned'}")
+    student = budget.parameters(teacher_config, shape.num_layers, shape.hidden_size, shape.intermediate_size,
+                                shape.num_attention_heads, shape.num_key_value_heads)  # fmt: skip
+    teacher = budget.parameters(teacher_config, config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                                config.num_attention_heads, config.num_key_value_heads)  # fmt: skip
+    s = spec.schedule
+    need = budget.run_bytes(student, teacher, int(teacher_config.get("vocab_size", 32000)), s.batch_size,
+                            s.max_seq_len)  # fmt: skip
+    if need > memory_bytes:
+        raise ResourceExhausted(
+            f"spec: this run needs about {need / 2**30:.1f} GiB (student {student:,} parameters, batch_size "
+            f"{s.batch_size} x max_seq_len {s.max_seq_len}); the trainer may use {memory_bytes / 2**30:.1f} GiB "
+            "(run_memory_fraction of the machine's memory): use a smaller student or batch"
+        )
 
 
 def _validate_loss(loss: pb.trainer.LossSpec, where: str) -> None:
@@ -72,19 +107,24 @@ def _validate_on_policy(spec: pb.trainer.RunSpec) -> None:
         raise InvalidArgument("spec.on_policy.loss", "all zero", "give a KL-family weight (e.g. reverse_kl: 1)")
 
 
-def validate(spec: pb.trainer.RunSpec, teacher_config: dict[str, Any] | None, checker_modules: list[str]) -> None:
+def validate(
+    spec: pb.trainer.RunSpec,
+    teacher_config: dict[str, Any] | None,
+    checker_modules: list[str],
+    registry: Registry | None = None,
+) -> None:
     """Checks a spec that `with_defaults` completed. `teacher_config` (config.json) checks pruned shapes;
     `checker_modules` are the modules a python: checker may come from (the trainer's setting)."""
     if not RUN_ID_RE.match(spec.run_id):
         raise InvalidArgument("spec.run_id", spec.run_id, "use 1-64 letters, digits, '.', '_' or '-'")
     if len(spec.task) > 200:
-        raise InvalidArgument("spec.task", spec.task[:40] + "…", "a label of at most 200 characters")
+        raise InvalidArgument("spec.task", spec.task, "a label of at most 200 characters")
     if spec.checker:
         try:
             parse_checker(spec.checker, checker_modules)
         except CheckerError as exc:
             raise InvalidArgument("spec.checker", spec.checker, str(exc).split(": ", 1)[-1]) from None
-    _validate_student(spec.student, teacher_config)
+    _validate_student(spec.student, teacher_config, registry)
     _validate_loss(spec.loss, "spec.loss")
     _validate_on_policy(spec)
 
@@ -125,18 +165,23 @@ def validate(spec: pb.trainer.RunSpec, teacher_config: dict[str, Any] | None, ch
     _range("spec.eval.min_eval_samples", spec.eval.min_eval_samples, 0, 100_000)
 
 
-def _validate_student(recipe: pb.trainer.StudentRecipe, teacher_config: dict[str, Any] | None) -> None:
+def _validate_student(
+    recipe: pb.trainer.StudentRecipe, teacher_config: dict[str, Any] | None, registry: Registry | None
+) -> None:
     source = recipe.WhichOneof("source")
     if source == "init_checkpoint":
+        # A caller names a checkpoint this trainer's registry holds, never a path elsewhere on the machine.
+        field = "spec.student.init_checkpoint"
+        if registry is None:
+            raise InvalidArgument(field, recipe.init_checkpoint, "this trainer has no registry to continue from")
         try:
-            path = path_from_uri(recipe.init_checkpoint)
-            if (path / "manifest.json").is_file():
-                verify(path)
-            elif not any(path.glob("*.safetensors")):
-                raise CheckpointError("no manifest.json and no .safetensors weights")
+            recipe.init_checkpoint = uri_for(verify(registry.locate(recipe.init_checkpoint, field)).path)
         except CheckpointError as exc:
-            raise InvalidArgument("spec.student.init_checkpoint", recipe.init_checkpoint, str(exc)) from exc
+            raise InvalidArgument(field, recipe.init_checkpoint, str(exc).split(": ", 1)[-1]) from exc
         return
+    if source == "pruned" and recipe.pruned.layer_selection not in pb.trainer.LayerSelection.values():
+        raise InvalidArgument("spec.student.pruned.layer_selection", recipe.pruned.layer_selection,
+                              f"must be one of {list(pb.trainer.LayerSelection.keys())}")  # fmt: skip
     if teacher_config is None:
         return
     from transformers import PretrainedConfig

@@ -121,19 +121,21 @@ def resolve_shape(config: Any, want: Any, field: str) -> Shape:
     if shape.num_attention_heads % shape.num_key_value_heads:
         why = f"must be a multiple of num_key_value_heads={shape.num_key_value_heads}"
         raise InvalidArgument(f"{field}.num_attention_heads", shape.num_attention_heads, why)
+    # A student is never larger than its teacher in any dimension, pruned or freshly initialised: anything else is
+    # not distillation, and a caller could otherwise ask for 65,536 layers.
+    limits = {
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+    }
+    for name, limit in limits.items():
+        if getattr(shape, name) > limit:
+            raise InvalidArgument(
+                f"{field}.{name}", getattr(shape, name), f"a student cannot exceed the teacher's {limit}"
+            )
     if field.endswith("pruned"):
-        limits = {
-            "num_layers": config.num_hidden_layers,
-            "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size,
-            "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads,
-        }
-        for name, limit in limits.items():
-            if getattr(shape, name) > limit:
-                raise InvalidArgument(
-                    f"{field}.{name}", getattr(shape, name), f"pruning cannot exceed the teacher's {limit}"
-                )
         teacher_group = config.num_attention_heads // config.num_key_value_heads
         group = shape.num_attention_heads // shape.num_key_value_heads
         if group > teacher_group:

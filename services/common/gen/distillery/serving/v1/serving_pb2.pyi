@@ -192,19 +192,34 @@ class LoadModelRequest(_message.Message):
 
     REGISTRY_URI_FIELD_NUMBER: _builtins.int
     ALLOW_OLDER_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     registry_uri: _builtins.str
-    """A registry checkpoint, e.g. "file:///registry/checkpoints/00000007-…" or its directory path."""
+    """Exactly one of version, checkpoint_id or registry_uri names a checkpoint of the service's registry.
+    A URI or path, e.g. "file:///registry/checkpoints/00000007-…"; accepted only when it resolves to a
+    checkpoint folder inside the registry.
+    """
     allow_older: _builtins.bool
     """Load even when its version is not newer than the one served."""
+    version: _builtins.int
+    """Registry-wide checkpoint version."""
+    run_id: _builtins.str
+    """When set, the checkpoint must belong to this run."""
+    checkpoint_id: _builtins.str
+    """The checkpoint's folder name in the registry, e.g. "00000007-3f2a0c1d9e8b7a65"."""
     def __init__(
         self,
         *,
         registry_uri: _builtins.str = ...,
         allow_older: _builtins.bool = ...,
+        version: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        checkpoint_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_older", b"allow_older", "registry_uri", b"registry_uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_older", b"allow_older", "checkpoint_id", b"checkpoint_id", "registry_uri", b"registry_uri", "run_id", b"run_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1230,18 +1230,29 @@ class PromoteCheckpointRequest(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     REGISTRY_URI_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """Either a version or a registry URI."""
+    """Exactly one of version, checkpoint_id or registry_uri names a checkpoint of the trainer's registry.
+    Registry-wide version (see ListCheckpoints).
+    """
     registry_uri: _builtins.str
+    """A URI or path; accepted only when it resolves to a checkpoint folder inside the registry."""
+    run_id: _builtins.str
+    """When set, the checkpoint must belong to this run (a run of this trainer)."""
+    checkpoint_id: _builtins.str
+    """The checkpoint's folder name in the registry, e.g. "00000007-3f2a0c1d9e8b7a65"."""
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
         registry_uri: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        checkpoint_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["registry_uri", b"registry_uri", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "registry_uri", b"registry_uri", "run_id", b"run_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
