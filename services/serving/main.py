@@ -121,7 +121,7 @@ class ServingApp:
             logger.error(
                 "refused promoted checkpoint version %d: %s", event.version, why, extra={"version": event.version}
             )
-            return f"checkpoint version {event.version} refused: {exc.why}"
+            return f"checkpoint version {event.version} refused: {why}"
         try:
             await self.swapper.swap_to(model)  # counts and logs its own failures
         except SwapRefused as exc:

@@ -77,6 +77,7 @@ async def test_promotion_events_from_kafka_are_confined_too(app: Any, tmp_path: 
     failed = metrics.SWAPS.labels("failed")._value.get()
     for uri in (outside.as_uri(), "file://host/etc", "/etc", str(tmp_path)):
         event = pb.common.CheckpointEvent(run_id="run", version=ckpt.version + 1, registry_uri=uri, promoted=True)
-        await app.handle_event(event)  # refused and counted; no engine was asked to load it
+        why = await app.handle_event(event)  # refused and counted; no engine was asked to load it
+        assert why is not None and why.startswith(f"checkpoint version {event.version} refused: "), why
     assert metrics.SWAPS.labels("failed")._value.get() == failed + 4
     assert app.holder.model is None
