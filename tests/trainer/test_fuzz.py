@@ -1,0 +1,54 @@
+"""Fuzzing every TrainerService RPC in-process (the real servicer and run manager, the tiny teacher, the session's
+broker). A spec that happens to be valid starts a real run; the app stops it at the end."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.common import pb
+from services.common.settings import KafkaSettings
+from services.trainer.main import TrainerApp
+from tests.fuzz import Rpc, fuzz
+from tests.trainer.conftest import trainer_settings
+
+SERVICE = "/distillery.trainer.v1.TrainerService/"
+RPCS = [
+    Rpc(SERVICE + "StartRun", pb.trainer.StartRunRequest),
+    Rpc(SERVICE + "GetRun", pb.trainer.GetRunRequest),
+    Rpc(SERVICE + "WatchRun", pb.trainer.WatchRunRequest, streaming=True),
+    Rpc(SERVICE + "StopRun", pb.trainer.StopRunRequest),
+    Rpc(SERVICE + "ListCheckpoints", pb.trainer.ListCheckpointsRequest),
+    Rpc(SERVICE + "PromoteCheckpoint", pb.trainer.PromoteCheckpointRequest),
+]
+
+
+@pytest.fixture
+async def app(tiny_teacher: Path, tmp_path: Path, kafka_settings: KafkaSettings) -> AsyncIterator[TrainerApp]:
+    app = await TrainerApp.create(trainer_settings(tiny_teacher, tmp_path / "home", kafka_settings))
+    await app.start()
+    yield app
+    await app.close()
+
+
+async def _fuzz(app: TrainerApp, examples: int) -> None:
+    async with grpc.aio.insecure_channel(app.server.address) as channel:
+        stub = pb.trainer_grpc.TrainerServiceStub(channel)
+
+        async def normal() -> None:
+            await stub.ListCheckpoints(pb.trainer.ListCheckpointsRequest())
+
+        fuzzer = await fuzz(channel, RPCS, examples, normal, timeout_s=2.0)
+    print(f"trainer fuzz: {fuzzer.examples} examples {fuzzer.codes}")
+
+
+async def test_fuzz_every_trainer_rpc(app: TrainerApp) -> None:
+    await _fuzz(app, 40)
+
+
+@pytest.mark.slow
+async def test_fuzz_every_trainer_rpc_long(app: TrainerApp) -> None:
+    await _fuzz(app, 400)
