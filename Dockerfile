@@ -16,6 +16,14 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04
 # ---------------------------------------------------------------------------------------------------- bases
 # The same base is used to build the virtual environment and to run it, so the venv's interpreter path holds.
 FROM ${PYTHON_IMAGE} AS base-cpu
+# vLLM's CPU kernels link libnuma, and torch.compile (inductor) builds its CPU kernels with a C++ compiler when
+# the engine starts: both stay in the runtime. The bookworm base that scripts/image.sh makes already has them.
+# hadolint ignore=DL3008
+RUN if ! dpkg-query -W libnuma1 g++ >/dev/null 2>&1; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends libnuma1 g++ \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 ENV DISTILLERY_PYTHON=/usr/local/bin/python3.11
 
 FROM ${CUDA_IMAGE} AS base-gpu
@@ -40,6 +48,8 @@ FROM base-${VARIANT} AS builder
 ARG VARIANT
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
+# Local wheel folders handed in as build volumes (scripts/image.sh reads them from pip's configuration).
+ARG PIP_FIND_LINKS
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/distillery/venv \
@@ -56,6 +66,7 @@ COPY services ./services
 # without its llama-cpp-python dependency.
 RUN if [ -z "${PIP_INDEX_URL:-}" ]; then unset PIP_INDEX_URL; fi \
     && if [ -z "${PIP_EXTRA_INDEX_URL:-}" ]; then unset PIP_EXTRA_INDEX_URL; fi \
+    && if [ -z "${PIP_FIND_LINKS:-}" ]; then unset PIP_FIND_LINKS; fi \
     && pip install pip==26.3 \
     && pip install "./[${VARIANT}]" \
     && if [ "${VARIANT}" = cpu ]; then pip uninstall -y torchvision torchaudio torchcodec; fi \
