@@ -101,7 +101,9 @@ def test_serving_answers_generate_with_the_packaged_teacher(
     assert env["DISTILLERY_SERVING_INITIAL_MODEL"] == "smollm2-135m-instruct", "the base serves the teacher first"
     address = f"127.0.0.1:{env['DISTILLERY_SERVING_GRPC_PORT']}"
     log = tmp_path / "serving.log"
-    with Container(image, pod_volumes, env, f"{UID}:{UID}") as container:
+    # The serving Deployment mounts the registry read-only: only the trainer writes checkpoints.
+    volumes = {host: inside + (":ro" if inside == "/registry" else "") for host, inside in pod_volumes.items()}
+    with Container(image, volumes, env, f"{UID}:{UID}") as container:
         container.start(["serving", "serve"], log)
         wait_serving(container, address, "distillery.serving.v1.ServingService", log)
 
