@@ -48,8 +48,9 @@ FROM base-${VARIANT} AS builder
 ARG VARIANT
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
-# Local wheel folders handed in as build volumes (scripts/image.sh reads them from pip's configuration).
+# Local wheel folders and a CA bundle handed in as build volumes (scripts/image.sh reads pip's configuration).
 ARG PIP_FIND_LINKS
+ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/distillery/venv \
@@ -67,6 +68,7 @@ COPY services ./services
 RUN if [ -z "${PIP_INDEX_URL:-}" ]; then unset PIP_INDEX_URL; fi \
     && if [ -z "${PIP_EXTRA_INDEX_URL:-}" ]; then unset PIP_EXTRA_INDEX_URL; fi \
     && if [ -z "${PIP_FIND_LINKS:-}" ]; then unset PIP_FIND_LINKS; fi \
+    && if [ -z "${PIP_CERT:-}" ]; then unset PIP_CERT; fi \
     && pip install pip==26.3 \
     && pip install "./[${VARIANT}]" \
     && if [ "${VARIANT}" = cpu ]; then pip uninstall -y torchvision torchaudio torchcodec; fi \

@@ -47,13 +47,11 @@ say "engine: $engine"
 
 # ----------------------------------------------------------------------------- pip's local wheel folders
 # PIP_FIND_LINKS wins over pip's configuration files, as in pip itself. Only local folders can be handed in.
-find_links=${PIP_FIND_LINKS:-}
-if [ -z "$find_links" ]; then
-    pip_cmd=$(command -v pip3 || command -v pip || true)
-    if [ -n "$pip_cmd" ]; then
-        find_links=$("$pip_cmd" config list 2>/dev/null | sed -n "s/^[a-z:]*\.find-links='\(.*\)'$/\1/p" | tr '\n' ' ')
-    fi
-fi
+# The same for pip's CA bundle: where HTTPS goes through an intercepting proxy, its CA is only in that bundle.
+pip_cmd=$(command -v pip3 || command -v pip || true)
+pip_config() { [ -n "$pip_cmd" ] && "$pip_cmd" config list 2>/dev/null | sed -n "s/^[a-z:]*\.$1='\(.*\)'$/\1/p" | tail -1; }
+find_links=${PIP_FIND_LINKS:-$(pip_config find-links || true)}
+pip_cert=${PIP_CERT:-$(pip_config cert || true)}
 volumes=()
 in_image_links=()
 i=0
@@ -69,6 +67,11 @@ pip_args=()
 if [ ${#in_image_links[@]} -gt 0 ]; then
     pip_args+=(--build-arg "PIP_FIND_LINKS=${in_image_links[*]}")
     say "handing pip's find-links folder(s) to the build: ${#in_image_links[@]}"
+fi
+if [ -n "$pip_cert" ] && [ -f "$pip_cert" ]; then
+    volumes+=(-v "$pip_cert:/build/pip-cert.pem:ro")
+    pip_args+=(--build-arg "PIP_CERT=/build/pip-cert.pem")
+    say "handing pip's CA bundle to the build"
 fi
 [ -n "${PIP_INDEX_URL:-}" ] && pip_args+=(--build-arg "PIP_INDEX_URL=$PIP_INDEX_URL")
 [ -n "${PIP_EXTRA_INDEX_URL:-}" ] && pip_args+=(--build-arg "PIP_EXTRA_INDEX_URL=$PIP_EXTRA_INDEX_URL")
