@@ -78,11 +78,39 @@ class Container:
             )
         return self.process
 
+    def service_pid(self) -> int | None:
+        """The entrypoint's process: chroot isolation has no PID namespace, so it is a descendant of buildah here."""
+        assert self.process is not None
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry.name))
+        queue = [self.process.pid]
+        while queue:  # breadth first: the entrypoint before the engine processes it spawns
+            pid = queue.pop(0)
+            try:
+                argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if pid != self.process.pid and any(a.endswith(b"/" + self.entrypoint[0].encode()) for a in argv[:2]):
+                return pid
+            queue.extend(children.get(pid, []))
+        return None
+
     def stop(self, timeout: float = 60) -> int | None:
-        """SIGTERM, as the kubelet sends it; then SIGKILL after `timeout`."""
+        """SIGTERM to the service, as the kubelet sends it to the container's main process; then SIGKILL to
+        everything after `timeout`. Returns buildah's exit status, which is the service's."""
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
-        os.killpg(self.process.pid, signal.SIGTERM)
+        pid = self.service_pid() if self.entrypoint else None
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+        else:
+            os.killpg(self.process.pid, signal.SIGTERM)
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
