@@ -79,7 +79,8 @@ class Container:
         return self.process
 
     def service_pid(self) -> int | None:
-        """The entrypoint's process: chroot isolation has no PID namespace, so it is a descendant of buildah here."""
+        """The container's main process (the entrypoint): chroot isolation has no PID namespace, so it is the first
+        descendant of buildah that is not buildah's own."""
         assert self.process is not None
         children: dict[int, list[int]] = {}
         for entry in Path("/proc").iterdir():
@@ -96,7 +97,8 @@ class Container:
                 argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if pid != self.process.pid and any(a.endswith(b"/" + self.entrypoint[0].encode()) for a in argv[:2]):
+            # The first process that is not buildah's own (buildah, its chroot runtime, chroot-exec).
+            if pid != self.process.pid and not Path(argv[0].decode()).name.startswith("buildah"):
                 return pid
             queue.extend(children.get(pid, []))
         return None
