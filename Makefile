@@ -17,13 +17,15 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-system protos lint format test test-all demo bench clean
+.PHONY: help setup setup-system protos lint format test test-all demo bench clean image image-gpu image-test
 
 help:
 	@echo "make demo      distil the default teacher end to end and write a report (sets itself up)"
 	@echo "make test      the test suite, including one full pipeline run (sets itself up)"
 	@echo "make test-all  also the long end-to-end tests"
 	@echo "make bench     the benchmarks (teacher, trainer, serving, swap), JSON on stdout"
+	@echo "make image     build the CPU container image (docker, or buildah where no Docker daemon answers)"
+	@echo "make image-gpu build the GPU image (upstream vLLM, CUDA wheels); image-test runs the CPU image's tests"
 	@echo "make setup | setup-system | protos | lint | format | clean"
 
 # Idempotent: redone only when pyproject.toml or this Makefile change (or the venv is missing).
@@ -70,7 +72,7 @@ test: setup setup-system
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-all: setup setup-system
-	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not image" $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/distillery demo
@@ -90,6 +92,18 @@ GPU_CHECK_ARGS ?=
 gpu-check:
 	@if [ -x $(PY) ]; then PYTHONPATH=. $(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS); \
 	else PYTHONPATH=. python3 scripts/gpu_check.py $(GPU_CHECK_ARGS); fi
+
+# Container images (deploy/README.md, "Images"). scripts/image.sh picks docker or buildah, makes a Debian base
+# with mmdebstrap when the upstream one cannot be pulled, and hands pip's local wheel folders to the build.
+image:
+	scripts/image.sh cpu
+
+image-gpu:
+	scripts/image.sh gpu
+
+# Runs the built CPU image as its pods run (tests/image); fails, rather than skips, when it is not built.
+image-test: setup
+	DISTILLERY_REQUIRE_IMAGE=1 $(PY) -m pytest -m image -rP tests/image $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .distillery .pytest_cache .mypy_cache .ruff_cache

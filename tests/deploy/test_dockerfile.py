@@ -95,3 +95,60 @@ def test_build_context_is_small() -> None:
     ignore = (REPO / ".dockerignore").read_text().splitlines()
     assert "*" in ignore, "whitelist the context: the venv and model caches are gigabytes"
     assert {"!pyproject.toml", "!README.md", "!services/"} <= set(ignore)
+
+
+def _deployments() -> dict[str, dict]:
+    found = {}
+    for name in ("teacher", "trainer", "serving"):
+        docs = yaml.safe_load_all((DEPLOY / "k8s" / "base" / f"{name}.yaml").read_text())
+        (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+        found[name] = deployment
+    return found
+
+
+def _env_file(name: str) -> dict[str, str]:
+    text = (DEPLOY / "k8s" / "base" / "config" / f"{name}.env").read_text()
+    return dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def test_every_deployment_runs_the_image_as_built() -> None:
+    """Image names, entrypoint, ports, user and mounts of the three Deployments against the Dockerfile and the
+    tag scripts/image.sh gives (`distillery:<version>-<variant>`)."""
+    runtime = stages()["runtime"]
+    exposed = {int(p) for keyword, rest in runtime if keyword == "EXPOSE" for p in rest.split()}
+    env = dict(item.split("=", 1) for keyword, rest in runtime if keyword == "ENV" for item in shlex.split(rest))
+    (workdir,) = [rest for keyword, rest in runtime if keyword == "WORKDIR"]
+    for name, deployment in _deployments().items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["runAsGroup"] == 10001
+        (container,) = pod["containers"]
+        assert container["image"] == "distillery-cpu", name
+        assert "command" not in container, "the image's ENTRYPOINT (distillery) runs; args pick the service"
+        assert container["args"] == [name, "serve"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert set(ports.values()) <= exposed, name
+        settings = _env_file(name)
+        prefix = f"DISTILLERY_{name.upper()}_"
+        assert ports["grpc"] == int(settings[prefix + "GRPC_PORT"]) and ports["metrics"] == int(
+            settings[prefix + "METRICS_PORT"]
+        )
+        assert settings[prefix + "MODELS_DIR"] == env[prefix + "MODELS_DIR"]
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert {"/tmp", workdir, env["XDG_CACHE_HOME"]} <= set(mounts), name
+        registry = settings.get(prefix + "REGISTRY_DIR")
+        if registry is not None:
+            assert registry == "/registry" and registry in mounts, name
+            assert mounts[registry].get("readOnly", False) is (name == "serving"), "only the trainer writes"
+    version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), flags=re.M)
+    assert version
+    script = (REPO / "scripts" / "image.sh").read_text()
+    assert "name=${IMAGE_NAME:-distillery}" in script and "tag=${IMAGE_TAG:-$version-$variant}" in script
+    for overlay in ("dev", "prod", "external-kafka"):
+        kustomization = yaml.safe_load((DEPLOY / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text())
+        for entry in kustomization.get("images", []):
+            variant = entry["name"].removeprefix("distillery-")
+            assert (entry["newName"], entry["newTag"]) == ("distillery", f"{version.group(1)}-{variant}"), overlay
+    for name in ("teacher-gpu", "trainer-gpu"):
+        text = (DEPLOY / "k8s" / "components" / "gpu" / f"{name}.yaml").read_text()
+        assert "image: distillery-gpu" in text
