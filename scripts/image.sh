@@ -157,10 +157,10 @@ start=$(date +%s)
 if [ "$engine" = docker ]; then
     [ ${#volumes[@]} -gt 0 ] && say "docker build cannot mount pip's local find-links folders: set PIP_EXTRA_INDEX_URL"
     docker build "${args[@]}"
-    size=$(docker image inspect --format '{{.Size}}' "$name:$tag")
+    size="$(docker image inspect --format '{{.Size}}' "$name:$tag") bytes"
 else
     # --layers=false (buildah's default) keeps only the final image: no intermediate layers pile up under vfs.
     bah bud --isolation chroot --layers=false "${volumes[@]}" "${args[@]}"
-    size=$(bah inspect --type image --format '{{.Size}}' "$name:$tag" 2>/dev/null || echo "?")
+    size=$(bah images --format '{{.Size}}' "localhost/$name:$tag" 2>/dev/null || echo "?")
 fi
-say "built $name:$tag in $(($(date +%s) - start)) s, size $size bytes"
+say "built $name:$tag in $(($(date +%s) - start)) s, size $size"
