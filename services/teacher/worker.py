@@ -57,7 +57,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.worker._on_revoked(set(revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        logger.info("prompt partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+        owned = self.worker._owned()
+        metrics.PROMPT_PARTITIONS.set(len(owned))
+        logger.info("prompt partitions assigned",
+                    extra={"partitions": sorted(tp.partition for tp in assigned), "owned": len(owned)})  # fmt: skip
         if assigned:
             self.worker._loop.call_soon_threadsafe(self.worker.assigned.set)
 
@@ -110,8 +113,11 @@ class PromptWorker:
         logger.info("prompt worker started", extra={"topic": self.kafka.topic_prompts, "batch_size": self.batch_size})
         self.started.set()
         last_commit = time.monotonic()
-        # A member that does not poll within max_poll_interval leaves the group, even while it is busy.
-        keepalive_s = self.kafka.max_poll_interval_ms / 1000 / 3
+        # A member that does not poll within max_poll_interval leaves the group, even while it is busy. And a
+        # rebalance (a replica joined, or died and its session expired) completes only once every member polled:
+        # a busy replica that polled only every max_poll_interval / 3 held the dead one's partitions unowned for
+        # that long. Its heartbeat learns of a rebalance within a heartbeat interval, so it polls that often.
+        keepalive_s = min(self.kafka.max_poll_interval_ms / 3, self.kafka.heartbeat_interval_ms) / 1000
         failed = asyncio.ensure_future(self._failed.wait())
         try:
             while not self._stopping.is_set() and self._failure is None:
@@ -143,7 +149,8 @@ class PromptWorker:
         # Returns as soon as records are there; the timeout only bounds how long an idle worker waits.
         records = self._consumer.poll(self.settings.worker.poll_timeout_s, max_records)
         self._last_poll = time.monotonic()
-        self.lag = self._consumer.lag()
+        # A replica left without partitions (more replicas than partitions) has nothing to read: 0, not stale.
+        self.lag = self._consumer.lag() if self._consumer.assignment() else 0
         return records
 
     def _keepalive(self) -> list[Record]:
@@ -157,9 +164,14 @@ class PromptWorker:
             # handled like any other (a few over batch_size, never dropped).
             records = self._consumer.poll(0, None)
         finally:
-            kafka.resume(*partitions)
+            # The poll may have rebalanced: resuming a partition no longer assigned raises.
+            kafka.resume(*(set(partitions) & set(kafka.assignment())))
         self._last_poll = time.monotonic()
         return records
+
+    def _owned(self) -> set[TopicPartition]:
+        """The prompt partitions assigned to this worker now (consumer thread)."""
+        return self._consumer.assignment() if self._consumer is not None else set()
 
     def _start(self, record: Record) -> None:
         offsets = self._partitions.get(record.tp)
@@ -348,6 +360,7 @@ class PromptWorker:
                 self._consumer.commit(positions)
             except Exception as exc:
                 logger.warning("commit on revoke failed: %r", exc)
+        metrics.PROMPT_PARTITIONS.set(len(self._owned() - revoked))
         logger.info("prompt partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
 
     async def _drain(self) -> None:
