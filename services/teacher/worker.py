@@ -345,7 +345,9 @@ class PromptWorker:
             logger.warning("offset commit failed: %r", exc)
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Consumer thread, inside poll: commit what is finished on the partitions we lose, then forget them."""
+        """kafka-python's IO thread, during a poll: commit what is finished on the partitions we lose (without
+        blocking: a blocking commit raises there), then forget them. The commit goes out before the worker rejoins;
+        should it still fail, the new owner redoes a little more (duplicates, never gaps)."""
         positions = {}
         for tp in revoked:
             offsets = self._partitions.get(tp)
@@ -357,7 +359,7 @@ class PromptWorker:
                 positions[tp] = pos
         if positions and self._consumer is not None:
             try:
-                self._consumer.commit(positions)
+                self._consumer.commit_async(positions)
             except Exception as exc:
                 logger.warning("commit on revoke failed: %r", exc)
         metrics.PROMPT_PARTITIONS.set(len(self._owned() - revoked))
