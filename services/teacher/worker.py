@@ -57,6 +57,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.worker._on_revoked(set(revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
+        self.worker._on_assigned(set(assigned))
         owned = self.worker._owned()
         metrics.PROMPT_PARTITIONS.set(len(owned))
         logger.info("prompt partitions assigned",
@@ -77,6 +78,8 @@ class PromptWorker:
         self._producer: ProtoProducer | None = None
         self._dead_letters: DeadLetterWriter | None = None
         self._partitions: dict[TopicPartition, PartitionOffsets] = {}
+        #: Partitions the rebalance in progress revoked, until it assigns them again (to us or not).
+        self._just_revoked: dict[TopicPartition, PartitionOffsets] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._failure: BaseException | None = None
@@ -354,6 +357,7 @@ class PromptWorker:
             if offsets is None:
                 continue
             offsets.revoked = True  # results still in flight get published but never committed by us
+            self._just_revoked[tp] = offsets
             pos = offsets.to_commit()
             if pos is not None:
                 positions[tp] = pos
@@ -364,6 +368,21 @@ class PromptWorker:
                 logger.warning("commit on revoke failed: %r", exc)
         metrics.PROMPT_PARTITIONS.set(len(self._owned() - revoked))
         logger.info("prompt partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """kafka-python's IO thread, at the end of a rebalance. Every rebalance revokes every partition first (the
+        eager protocol); a partition given back to this worker goes on where it was, its prompts in flight still
+        tracked and committed by it, instead of from the last commit — which would redo them (duplicates) on every
+        replica each time one joins or leaves. Safe: every offset below `next_offset` was started by this worker
+        and is committed only once finished; reading resumes at `next_offset`."""
+        kept, self._just_revoked = self._just_revoked, {}
+        assert self._consumer is not None
+        for tp in assigned & kept.keys():
+            offsets = kept[tp]
+            position = offsets.next_offset
+            if position is not None:
+                offsets.revoked = False
+                self._consumer.seek(tp, position)
 
     async def _drain(self) -> None:
         """Stops cleanly: lets in-flight prompts finish within the grace period, commits, closes clients."""
