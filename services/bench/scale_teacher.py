@@ -187,8 +187,8 @@ def _bootstrap(given: str | None, home: Path) -> Iterator[tuple[str, str]]:
 def measure_teacher(
     n_workers: int,
     *,
-    prompts: int = 64,
-    max_tokens: int = 32,
+    prompts: int = 128,
+    max_tokens: int = 64,
     model: Path | None = None,
     bootstrap: str | None = None,
     partitions: int = 4,

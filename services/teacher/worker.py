@@ -173,7 +173,7 @@ class PromptWorker:
         return records
 
     def _owned(self) -> set[TopicPartition]:
-        """The prompt partitions assigned to this worker now (consumer thread)."""
+        """The prompt partitions assigned to this worker now (any thread: kafka-python guards its assignment)."""
         return self._consumer.assignment() if self._consumer is not None else set()
 
     def _start(self, record: Record) -> None:
@@ -372,9 +372,11 @@ class PromptWorker:
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         """kafka-python's IO thread, at the end of a rebalance. Every rebalance revokes every partition first (the
         eager protocol); a partition given back to this worker goes on where it was, its prompts in flight still
-        tracked and committed by it, instead of from the last commit — which would redo them (duplicates) on every
-        replica each time one joins or leaves. Safe: every offset below `next_offset` was started by this worker
-        and is committed only once finished; reading resumes at `next_offset`."""
+        tracked and committed by it. kafka-python keeps such a partition's position: without this, those prompts
+        sat in a revoked, never committed record while later ones were committed past them (a crash then lost
+        them); a client that reset to the committed offset would redo them on every replica each time one joins or
+        leaves. Safe either way: every offset below `next_offset` was started by this worker and is committed only
+        once finished; reading resumes at `next_offset`."""
         kept, self._just_revoked = self._just_revoked, {}
         assert self._consumer is not None
         for tp in assigned & kept.keys():

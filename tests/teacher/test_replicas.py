@@ -46,6 +46,7 @@ def _busy(worker: ServiceProcess) -> bool:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # two engine starts: 90-135 s on the shared 2-core machine
 def test_two_replicas_split_the_partitions_and_the_survivor_takes_over_after_kill_9(
     tiny_model_dir: Path, tmp_path: Path, kafka_settings: KafkaSettings
 ) -> None:
