@@ -1,8 +1,8 @@
 """Teacher replicas in one consumer group: samples/s of n workers, and the takeover after kill -9 of one.
 
 `measure_teacher(n)` starts an embedded broker (unless given a bootstrap) and n `distillery teacher serve` processes
-in one consumer group (the tiny random Llama unless given a model; the machine's cores split between them), waits
-until the group settled, feeds prompts and reads the samples topic back until every prompt has a sample. With n ≥ 2
+in one consumer group (the tiny random Llama unless given a model; each engine on a core of its own), waits until
+the group settled, feeds prompts and reads the samples topic back until every prompt has a sample. With n ≥ 2
 it then feeds as many prompts again, kills one worker with SIGKILL once it is publishing, and times the takeover:
 from the kill until the survivors' `distillery_teacher_prompt_partitions_assigned` add up to every partition (the
 dead member's session has to time out first). A prompt without a sample is lost; a sample id read twice is a
