@@ -327,6 +327,19 @@ class ProtoConsumer(Generic[M]):
         if offsets:
             self._consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
 
+    def commit_async(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Sends a commit without waiting for it (failures are logged): the only commit a rebalance listener can make,
+        since kafka-python runs listeners on its IO thread, where a blocking `commit` raises."""
+
+        def done(_offsets: object, response: object) -> None:
+            if isinstance(response, Exception):
+                logger.warning("offset commit failed: %r", response)
+
+        if offsets:
+            self._consumer.commit_async(
+                {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}, callback=done
+            )
+
     def assignment(self) -> set[TopicPartition]:
         return set(self._consumer.assignment())
 

@@ -48,6 +48,11 @@ PROMPT_LAG = Gauge(
     "distillery_teacher_prompt_lag_records",
     "Prompt records on this worker's partitions not yet read (from the fetch high-water marks).",
 )
+PROMPT_PARTITIONS = Gauge(
+    "distillery_teacher_prompt_partitions_assigned",
+    "Partitions of the prompts topic this worker owns now (the replicas of one consumer group split them; summed "
+    "over replicas it is the topic's partition count once a rebalance settled).",
+)
 PROMPTS_IN_FLIGHT = Gauge("distillery_teacher_prompts_in_flight", "Prompts the worker has submitted and not finished.")
 STREAMS_OPEN = Gauge("distillery_teacher_streams_open", "Generate streams open now.")
 TIME_TO_FIRST_TOKEN = Histogram(

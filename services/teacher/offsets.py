@@ -11,7 +11,8 @@ import threading
 
 
 class PartitionOffsets:
-    """In-flight offsets of one partition for one assignment (a new assignment gets a new object).
+    """In-flight offsets of one partition while a worker owns it (a partition it gets back after someone else had it
+    gets a new object; one it keeps through a rebalance keeps its object).
 
     Thread-safe: the worker's event loop starts and finishes records, the consumer thread reads positions
     when partitions are revoked.
@@ -33,6 +34,12 @@ class PartitionOffsets:
     def finish(self, offset: int) -> None:
         with self._lock:
             self._in_flight.discard(offset)
+
+    @property
+    def next_offset(self) -> int | None:
+        """One past the highest offset started: where reading goes on. None when nothing was started."""
+        with self._lock:
+            return self._next
 
     @property
     def in_flight(self) -> int:

@@ -57,7 +57,11 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.worker._on_revoked(set(revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        logger.info("prompt partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+        self.worker._on_assigned(set(assigned))
+        owned = self.worker._owned()
+        metrics.PROMPT_PARTITIONS.set(len(owned))
+        logger.info("prompt partitions assigned",
+                    extra={"partitions": sorted(tp.partition for tp in assigned), "owned": len(owned)})  # fmt: skip
         if assigned:
             self.worker._loop.call_soon_threadsafe(self.worker.assigned.set)
 
@@ -74,6 +78,8 @@ class PromptWorker:
         self._producer: ProtoProducer | None = None
         self._dead_letters: DeadLetterWriter | None = None
         self._partitions: dict[TopicPartition, PartitionOffsets] = {}
+        #: Partitions the rebalance in progress revoked, until it assigns them again (to us or not).
+        self._just_revoked: dict[TopicPartition, PartitionOffsets] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._failure: BaseException | None = None
@@ -110,8 +116,11 @@ class PromptWorker:
         logger.info("prompt worker started", extra={"topic": self.kafka.topic_prompts, "batch_size": self.batch_size})
         self.started.set()
         last_commit = time.monotonic()
-        # A member that does not poll within max_poll_interval leaves the group, even while it is busy.
-        keepalive_s = self.kafka.max_poll_interval_ms / 1000 / 3
+        # A member that does not poll within max_poll_interval leaves the group, even while it is busy. And a
+        # rebalance (a replica joined, or died and its session expired) completes only once every member polled:
+        # a busy replica that polled only every max_poll_interval / 3 held the dead one's partitions unowned for
+        # that long. Its heartbeat learns of a rebalance within a heartbeat interval, so it polls that often.
+        keepalive_s = min(self.kafka.max_poll_interval_ms / 3, self.kafka.heartbeat_interval_ms) / 1000
         failed = asyncio.ensure_future(self._failed.wait())
         try:
             while not self._stopping.is_set() and self._failure is None:
@@ -143,7 +152,8 @@ class PromptWorker:
         # Returns as soon as records are there; the timeout only bounds how long an idle worker waits.
         records = self._consumer.poll(self.settings.worker.poll_timeout_s, max_records)
         self._last_poll = time.monotonic()
-        self.lag = self._consumer.lag()
+        # A replica left without partitions (more replicas than partitions) has nothing to read: 0, not stale.
+        self.lag = self._consumer.lag() if self._consumer.assignment() else 0
         return records
 
     def _keepalive(self) -> list[Record]:
@@ -157,9 +167,14 @@ class PromptWorker:
             # handled like any other (a few over batch_size, never dropped).
             records = self._consumer.poll(0, None)
         finally:
-            kafka.resume(*partitions)
+            # The poll may have rebalanced: resuming a partition no longer assigned raises.
+            kafka.resume(*(set(partitions) & set(kafka.assignment())))
         self._last_poll = time.monotonic()
         return records
+
+    def _owned(self) -> set[TopicPartition]:
+        """The prompt partitions assigned to this worker now (any thread: kafka-python guards its assignment)."""
+        return self._consumer.assignment() if self._consumer is not None else set()
 
     def _start(self, record: Record) -> None:
         offsets = self._partitions.get(record.tp)
@@ -333,22 +348,43 @@ class PromptWorker:
             logger.warning("offset commit failed: %r", exc)
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Consumer thread, inside poll: commit what is finished on the partitions we lose, then forget them."""
+        """kafka-python's IO thread, during a poll: commit what is finished on the partitions we lose (without
+        blocking: a blocking commit raises there), then forget them. The commit goes out before the worker rejoins;
+        should it still fail, the new owner redoes a little more (duplicates, never gaps)."""
         positions = {}
         for tp in revoked:
             offsets = self._partitions.get(tp)
             if offsets is None:
                 continue
             offsets.revoked = True  # results still in flight get published but never committed by us
+            self._just_revoked[tp] = offsets
             pos = offsets.to_commit()
             if pos is not None:
                 positions[tp] = pos
         if positions and self._consumer is not None:
             try:
-                self._consumer.commit(positions)
+                self._consumer.commit_async(positions)
             except Exception as exc:
                 logger.warning("commit on revoke failed: %r", exc)
+        metrics.PROMPT_PARTITIONS.set(len(self._owned() - revoked))
         logger.info("prompt partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """kafka-python's IO thread, at the end of a rebalance. Every rebalance revokes every partition first (the
+        eager protocol); a partition given back to this worker goes on where it was, its prompts in flight still
+        tracked and committed by it. kafka-python keeps such a partition's position: without this, those prompts
+        sat in a revoked, never committed record while later ones were committed past them (a crash then lost
+        them); a client that reset to the committed offset would redo them on every replica each time one joins or
+        leaves. Safe either way: every offset below `next_offset` was started by this worker and is committed only
+        once finished; reading resumes at `next_offset`."""
+        kept, self._just_revoked = self._just_revoked, {}
+        assert self._consumer is not None
+        for tp in assigned & kept.keys():
+            offsets = kept[tp]
+            position = offsets.next_offset
+            if position is not None:
+                offsets.revoked = False
+                self._consumer.seek(tp, position)
 
     async def _drain(self) -> None:
         """Stops cleanly: lets in-flight prompts finish within the grace period, commits, closes clients."""

@@ -93,10 +93,11 @@ def chat_record(prompt_id: str, question: str, **fields: Any) -> pb.common.Promp
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    engine: Any, model_dir: Path, tmp_path: Path, kafka: KafkaSettings
+    engine: Any, model_dir: Path, tmp_path: Path, kafka: KafkaSettings, **worker_fields: Any
 ) -> AsyncIterator[TeacherApp]:
-    """An in-process teacher app around `engine` whose pipeline worker is consuming (own consumer group)."""
-    worker = {"batch_size": 8, "group_id": f"teacher-{uuid.uuid4().hex[:6]}", "commit_interval_s": 0.1}
+    """An in-process teacher app around `engine` whose pipeline worker is consuming (own consumer group);
+    `worker_fields` override its worker settings."""
+    worker = {"batch_size": 8, "group_id": f"teacher-{uuid.uuid4().hex[:6]}", "commit_interval_s": 0.1, **worker_fields}
     app = await TeacherApp.create(teacher_settings(model_dir, tmp_path, kafka=kafka, worker=worker), engine=engine)
     await app.start(metrics_server=False)
     try:

@@ -27,3 +27,13 @@ def test_out_of_order_finishes_hold_the_position_at_the_lowest_unfinished() -> N
     offsets.finish(14)
     assert offsets.to_commit() == 15
     assert offsets.in_flight == 0
+
+
+def test_next_offset_is_where_reading_goes_on_whatever_is_in_flight() -> None:
+    offsets = PartitionOffsets()
+    assert offsets.next_offset is None
+    offsets.start(5)
+    offsets.start(6)
+    offsets.finish(6)
+    # A worker that keeps the partition through a rebalance reads on from 7; 5 stays in flight and holds the commit.
+    assert offsets.next_offset == 7 and offsets.to_commit() == 5
