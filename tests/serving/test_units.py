@@ -168,3 +168,18 @@ def test_standby_engines_leave_a_core_for_the_standby(monkeypatch: pytest.Monkey
     assert ServingSettings(swap={"strategy": "engine"}).engine_settings().omp_threads is None
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert ServingSettings().engine_settings().omp_threads is None
+
+
+def test_every_replica_gets_its_own_checkpoint_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two pods with the same host name (hostNetwork) and PID (the service is PID 1 in its container) still get two
+    groups: one group shared by two replicas would give each only some of the checkpoint topic's partitions."""
+    import os
+    import socket
+
+    from services.serving.watcher import default_group
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-1")
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    groups = {default_group() for _ in range(50)}
+    assert len(groups) == 50
+    assert all(g.startswith("distillery-serving-node-1-1-") for g in groups)
