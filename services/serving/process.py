@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +44,19 @@ async def serving_process(
 
 @contextlib.asynccontextmanager
 async def serving_replicas(
-    n: int, env: Mapping[str, str], log_dir: Path, start_timeout_s: float = 600.0
+    n: int, env: Mapping[str, str] | Sequence[Mapping[str, str]], log_dir: Path, start_timeout_s: float = 600.0
 ) -> AsyncIterator[list[ServiceProcess]]:
     """`n` serving processes with the same settings (registry, broker, topics): replicas, as a Deployment runs them.
-    All start at once (their engine starts overlap) and are yielded once every one is SERVING; all are stopped
-    at the end, also when one fails to start."""
+    `env`: the settings of all of them, or one mapping per replica (e.g. cores of their own). All start at once
+    (their engine starts overlap) and are yielded once every one is SERVING; all are stopped at the end, also when
+    one fails to start."""
+    envs = [env] * n if isinstance(env, Mapping) else list(env)
+    if len(envs) != n:
+        raise ValueError(f"{len(envs)} environments for {n} replicas")
     group = ProcessGroup()
     try:
-        for i in range(n):
-            group.add(ServiceProcess("serving", dict(env), log_dir / f"serving-{i}.log")).start()
+        for i, replica_env in enumerate(envs):
+            group.add(ServiceProcess("serving", dict(replica_env), log_dir / f"serving-{i}.log")).start()
         await asyncio.gather(*(asyncio.to_thread(p.wait_healthy, start_timeout_s) for p in group.processes))
         yield list(group.processes)
     finally:

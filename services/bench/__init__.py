@@ -1,0 +1,1 @@
+"""Benchmarks that span services: the scale benchmark's measurements."""
