@@ -116,6 +116,7 @@ async def measure_serving_async(config: ScaleServingConfig) -> dict[str, Any]:
     if config.n_replicas < 1:
         raise ValueError(f"n_replicas={config.n_replicas}: at least one replica")
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     model = await asyncio.to_thread(resolve_student, config)
     cores = sorted(os.sched_getaffinity(0))
     groups: list[list[int] | None] = (
@@ -162,6 +163,8 @@ async def measure_serving_async(config: ScaleServingConfig) -> dict[str, Any]:
         "cores_by_replica": [len(g) if g is not None else len(cores) for g in groups],
         "model": str(model),
         "replicas_ready_s": round(ready_s, 1),
+        # Other work on the machine moves these figures (an engine's OpenMP team stalls when a thread is preempted).
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "seconds": round(time.monotonic() - started, 1),
     }
