@@ -48,6 +48,9 @@ class ScaleServingConfig:
     pin_cores: bool = True
     """Give each replica's engine its own cores (an equal split of this process's CPU affinity), as pods with CPU
     limits get; with more replicas than cores they share them, one OpenMP thread each."""
+    max_cores: int | None = None
+    """Use only the first this many cores of this process's affinity (e.g. 1 replica on 1 core: the per-replica
+    baseline for n replicas on a core each). None: all of them."""
     enforce_eager: bool = True
     """Skip torch.compile: engine starts in seconds instead of minutes; steps are slower (the same for every n)."""
     kv_cache_gib: float = 0.5
@@ -118,7 +121,7 @@ async def measure_serving_async(config: ScaleServingConfig) -> dict[str, Any]:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     model = await asyncio.to_thread(resolve_student, config)
-    cores = sorted(os.sched_getaffinity(0))
+    cores = sorted(os.sched_getaffinity(0))[: config.max_cores]
     groups: list[list[int] | None] = (
         list(core_split(cores, config.n_replicas)) if config.pin_cores else [None] * config.n_replicas
     )

@@ -39,11 +39,15 @@ class ClientSettings(BaseSettings):
         return [("grpc.lb_policy_name", self.lb_policy)]
 
 
-def _host(address: str) -> str:
+def _hosts(address: str) -> list[str]:
+    """Hosts a target names: one, or several in a multi-address target (`ipv4:127.0.0.1:5001,127.0.0.1:5002`)."""
     target = address.split("///", 1)[-1]  # dns:///host:port, ipv4:host:port
     target = target.split(":", 1)[1] if target.startswith(("ipv4:", "ipv6:")) else target
-    host, _, _ = target.rpartition(":")
-    return host or target
+    hosts = []
+    for one in target.split(","):
+        host, _, _ = one.rpartition(":")
+        hosts.append(host or one)
+    return hosts
 
 
 def credentials(
@@ -57,7 +61,7 @@ def credentials(
     token = auth.client_token()
     if token is not None:
         if channel is None:
-            if not is_loopback(_host(address)):
+            if not all(is_loopback(h) for h in _hosts(address)):
                 raise SecurityError(
                     f"{address}: a token is sent only over TLS (set DISTILLERY_TLS_CA or DISTILLERY_TLS_USE_TLS) "
                     "or to a loopback address"

@@ -65,3 +65,12 @@ def test_the_policy_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("DISTILLERY_GRPC_LB_POLICY", "random")
     with pytest.raises(ValueError, match="lb_policy"):
         channels.ClientSettings()
+
+
+def test_a_token_goes_in_plain_text_only_to_loopback_replicas() -> None:
+    from services.common.security import AuthSettings, SecurityError, TlsSettings
+
+    token = AuthSettings(token="t" * 32)
+    channels.credentials("ipv4:127.0.0.1:5001,127.0.0.1:5002", TlsSettings(), token)
+    with pytest.raises(SecurityError):
+        channels.credentials("ipv4:127.0.0.1:5001,10.0.0.7:5002", TlsSettings(), token)
