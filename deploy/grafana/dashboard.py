@@ -184,9 +184,10 @@ def streams_row(d: db.Dashboard) -> db.Dashboard:
     headroom = (
         series(
             "Words-per-minute headroom by replica",
-            "Median speed of each replica's open streams over the reading target (distillery_serving_wpm_headroom_ratio; "
-            "idle replicas export +Inf and draw nothing). Below the dashed line at 1 its readers wait; the KEDA "
-            "autoscaler (deploy/k8s/components/keda) adds replicas while the average of 1/headroom is above 0.8.",
+            "Median speed of each replica's open streams over the reading target "
+            "(distillery_serving_wpm_headroom_ratio; idle replicas export +Inf and draw nothing). Below the dashed "
+            "line at 1 its readers wait; the KEDA autoscaler (deploy/k8s/components/keda) adds replicas while the "
+            "average of 1/headroom is above 0.8.",
             "none",
             query(f"distillery_serving_wpm_headroom_ratio{{{NS}}} < +Inf", "{{instance}}", "A"),
         )
