@@ -181,6 +181,23 @@ def streams_row(d: db.Dashboard) -> db.Dashboard:
         query(quantile(0.9, "distillery_serving_stream_words_per_minute"), "p90", "C"),
         query(f"max(distillery_reading_target_wpm{{{NS}}})", "reading target", "D"),
     ).override_by_query("D", dashed_red("D"))
+    headroom = (
+        series(
+            "Words-per-minute headroom by replica",
+            "Median speed of each replica's open streams over the reading target "
+            "(distillery_serving_wpm_headroom_ratio; idle replicas export +Inf and draw nothing). Below the dashed "
+            "line at 1 its readers wait; the KEDA autoscaler (deploy/k8s/components/keda) adds replicas while the "
+            "average of 1/headroom is above 0.8.",
+            "none",
+            query(f"distillery_serving_wpm_headroom_ratio{{{NS}}} < +Inf", "{{instance}}", "A"),
+        )
+        .thresholds(
+            db.ThresholdsConfig()
+            .mode(dm.ThresholdsMode.ABSOLUTE)
+            .steps([dm.Threshold(value=None, color="red"), dm.Threshold(value=1.0, color="green")])
+        )
+        .thresholds_style(cb.GraphThresholdsStyleConfig().mode(cm.GraphTresholdsStyleMode.DASHED))
+    )
     active = (
         series(
             "Active streams",
@@ -226,10 +243,11 @@ def streams_row(d: db.Dashboard) -> db.Dashboard:
     return (
         d.with_row(db.Row("Streams"))
         .with_panel(wpm)
-        .with_panel(outcomes)
+        .with_panel(headroom)
         .with_panel(active)
         .with_panel(ttft)
         .with_panel(itl)
+        .with_panel(outcomes.span(24))
     )
 
 

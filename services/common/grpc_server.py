@@ -33,6 +33,12 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 LIVENESS = "liveness"
 
 
+def connection_age_options(max_age_s: float | None) -> list[tuple[str, int]]:
+    """Server options that end connections after `max_age_s` (±10% jitter, gRPC's), never the calls on them: the
+    grace for open calls is left at gRPC's default, unbounded, so a long Generate stream is not cut."""
+    return [] if max_age_s is None else [("grpc.max_connection_age_ms", max(1, round(max_age_s * 1000)))]
+
+
 class GrpcServer:
     """One gRPC server per service process, with health, reflection and a graceful stop."""
 
@@ -49,6 +55,7 @@ class GrpcServer:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
+                *connection_age_options(settings.max_connection_age_s),
             ],
         )
         self.health = HealthServicer()

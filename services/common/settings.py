@@ -144,6 +144,12 @@ class ServiceSettings(BaseSettings):
     """Long-lived server streams (Generate, WatchRun) open at once; one more is refused with RESOURCE_EXHAUSTED.
     It must stay below `max_concurrent_rpcs`, so streams can never take the slots health checks need (a liveness
     probe failing on a busy but healthy service). Unset: `max_concurrent_rpcs` less an eighth (at least 16)."""
+    max_connection_age_s: float | None = Field(None, gt=0, le=86_400)
+    """After about this long the server asks each client connection to go away (HTTP/2 GOAWAY): calls open on it
+    finish undisturbed, and the client reconnects for its next one, resolving its target again. That is how clients
+    balancing over a headless Service (`dns:///serving-headless:50053`, `round_robin`) find replicas added since
+    they connected: gRPC re-resolves DNS only when a connection ends. Unset: connections live as long as clients
+    keep them."""
     kafka: KafkaSettings = Field(default_factory=lambda: KafkaSettings())
     tls: TlsSettings = Field(default_factory=lambda: TlsSettings())
     """gRPC TLS and mTLS; read from `DISTILLERY_TLS_*`, shared with the clients of the same process tree."""

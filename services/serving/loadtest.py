@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from services.common import channels, pb
+from services.common.channels import ClientSettings
 from services.common.security import AuthSettings, TlsSettings
 from services.common.settings import READING_TARGET_WPM
 from services.serving.metrics import count_words, words_per_minute
@@ -53,11 +54,15 @@ class LoadtestConfig:
     """Client TLS; None: from `DISTILLERY_TLS_*`."""
     auth: AuthSettings | None = None
     """Client token; None: from `DISTILLERY_AUTH_*`."""
+    client: ClientSettings | None = None
+    """Load-balancing policy over the addresses `address` resolves to; None: from `DISTILLERY_GRPC_*`."""
 
 
 @dataclass
 class StreamRecord:
     started: float
+    client: int = 0
+    """Which simulated client (worker) opened the stream; each client's streams follow one another."""
     first_token: float | None = None
     last_token: float | None = None
     tokens: int = 0
@@ -190,13 +195,17 @@ async def _one_stream(stub: Any, request: pb.serving.GenerateRequest, record: St
         record.error = exc.code().name
 
 
-async def run_loadtest(config: LoadtestConfig) -> LoadtestResult:
-    """Runs the load; returns every stream's record (`.summary()` gives the report)."""
+async def run_loadtest(config: LoadtestConfig, stop: asyncio.Event | None = None) -> LoadtestResult:
+    """Runs the load; returns every stream's record (`.summary()` gives the report). Setting `stop` ends it like
+    `max_streams` does: no new streams, the open ones finish."""
     if config.duration_s is None and config.max_streams is None:
         raise ValueError("give duration_s and/or max_streams")
     prompts = list(config.prompts) or default_prompts()
     n_channels = max(1, math.ceil(config.concurrency / STREAMS_PER_CHANNEL))
-    open_channels = [channels.aio_channel(config.address, tls=config.tls, auth=config.auth) for _ in range(n_channels)]
+    open_channels = [
+        channels.aio_channel(config.address, tls=config.tls, auth=config.auth, client=config.client)
+        for _ in range(n_channels)
+    ]
     stubs = [pb.serving_grpc.ServingServiceStub(c) for c in open_channels]
     sampling = pb.common.SamplingParams(
         max_tokens=config.max_tokens,
@@ -215,6 +224,8 @@ async def run_loadtest(config: LoadtestConfig) -> LoadtestResult:
             return None
         if deadline is not None and time.perf_counter() >= deadline:
             return None
+        if stop is not None and stop.is_set():
+            return None
         chat = prompts[i % len(prompts)]
         return pb.serving.GenerateRequest(
             messages=[pb.common.ChatMessage(role=r, content=c) for r, c in chat],
@@ -225,7 +236,7 @@ async def run_loadtest(config: LoadtestConfig) -> LoadtestResult:
     async def worker(k: int) -> None:
         stub = stubs[k % len(stubs)]
         while (request := next_request()) is not None:
-            record = StreamRecord(started=time.perf_counter())
+            record = StreamRecord(started=time.perf_counter(), client=k)
             records.append(record)
             await _one_stream(stub, request, record, config.stream_timeout_s)
             if config.think_s > 0:

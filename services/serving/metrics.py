@@ -8,6 +8,8 @@ with the dashboard and alerts (see the architecture notes).
 from __future__ import annotations
 
 import asyncio
+import math
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -41,6 +43,12 @@ ITL = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 ACTIVE_STREAMS = Gauge("distillery_serving_active_streams", "Generate streams open now.")
+WPM_HEADROOM = Gauge(
+    "distillery_serving_wpm_headroom_ratio",
+    "Median words per minute of the open streams (each over its time so far, once it is a second old) over the "
+    "reading target: 1 is reading speed, above 1 spare speed; +Inf with no stream to judge. The autoscaler's signal.",
+)
+WPM_HEADROOM.set(math.inf)
 MODEL_VERSION = Gauge("distillery_serving_model_version", "Registry version of the model new streams go to.")
 MODEL_INFO = Info("distillery_serving_model", "The model new streams go to: version, run id and name.")
 SWAPS = Counter("distillery_serving_swaps_total", "Model swaps by result.", ["result"])
@@ -117,11 +125,17 @@ class StreamMeter:
             return None
         return words_per_minute(self.words, self.last_token - self.first_token)
 
-    def below_target(self, now: float, target: float = READING_TARGET_WPM) -> bool:
-        """Whether the stream is slower than a reader right now (after the grace period)."""
+    def wpm_so_far(self, now: float) -> float | None:
+        """Words per minute from the first token (or, before it, from the request) until now; None during the grace
+        period. A stream still waiting for its first token counts at 0: queueing is what a reader sees first."""
         origin = self.first_token if self.first_token is not None else self.started
         elapsed = now - origin
-        return elapsed >= BELOW_TARGET_GRACE_S and words_per_minute(self.words, elapsed) < target
+        return words_per_minute(self.words, elapsed) if elapsed >= BELOW_TARGET_GRACE_S else None
+
+    def below_target(self, now: float, target: float = READING_TARGET_WPM) -> bool:
+        """Whether the stream is slower than a reader right now (after the grace period)."""
+        wpm = self.wpm_so_far(now)
+        return wpm is not None and wpm < target
 
     def finish(self, result: str) -> None:
         STREAMS.labels(result).inc()
@@ -130,8 +144,17 @@ class StreamMeter:
             STREAM_WPM.observe(wpm)
 
 
+def headroom(speeds: list[float], target: float = READING_TARGET_WPM) -> float:
+    """Median stream speed over the reading target (+Inf for no streams: nothing limits a reader).
+
+    The median, as the slow-stream alert uses: one stalled client does not scale the Deployment. The autoscaler
+    scales on its reciprocal (deploy/k8s/components/keda), which grows in proportion to the streams a replica holds
+    while the replica is compute-bound."""
+    return statistics.median(speeds) / target if speeds else math.inf
+
+
 class OpenStreams:
-    """The open streams' meters, and the sweep that keeps the below-target gauge current."""
+    """The open streams' meters, and the sweep that keeps the below-target and headroom gauges current."""
 
     def __init__(self) -> None:
         self.meters: set[StreamMeter] = set()
@@ -151,9 +174,12 @@ class OpenStreams:
         return len(self.meters)
 
     def sweep(self) -> int:
+        """Updates the below-target and headroom gauges from the open streams; returns how many are below."""
         now = time.perf_counter()
-        below = sum(1 for m in self.meters if m.below_target(now))
+        speeds = [w for m in self.meters if (w := m.wpm_so_far(now)) is not None]
+        below = sum(1 for w in speeds if w < READING_TARGET_WPM)
         STREAMS_BELOW_TARGET.set(below)
+        WPM_HEADROOM.set(headroom(speeds))
         return below
 
     async def run_sweeper(self, interval_s: float = 1.0) -> None:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.common.process import ServiceProcess, free_port
+from services.common.process import ProcessGroup, ServiceProcess, free_port
 from services.common.security import TlsSettings
 
-__all__ = ["free_port", "serving_process"]
+__all__ = ["free_port", "serving_process", "serving_replicas", "target_of"]
 
 
 @contextlib.asynccontextmanager
@@ -40,3 +40,30 @@ async def serving_process(
         yield (proc.address, proc) if return_process else proc.address
     finally:
         await asyncio.to_thread(proc.stop)
+
+
+@contextlib.asynccontextmanager
+async def serving_replicas(
+    n: int, env: Mapping[str, str] | Sequence[Mapping[str, str]], log_dir: Path, start_timeout_s: float = 600.0
+) -> AsyncIterator[list[ServiceProcess]]:
+    """`n` serving processes with the same settings (registry, broker, topics): replicas, as a Deployment runs them.
+    `env`: the settings of all of them, or one mapping per replica (e.g. cores of their own). All start at once
+    (their engine starts overlap) and are yielded once every one is SERVING; all are stopped at the end, also when
+    one fails to start."""
+    envs = [env] * n if isinstance(env, Mapping) else list(env)
+    if len(envs) != n:
+        raise ValueError(f"{len(envs)} environments for {n} replicas")
+    group = ProcessGroup()
+    try:
+        for i, replica_env in enumerate(envs):
+            group.add(ServiceProcess("serving", dict(replica_env), log_dir / f"serving-{i}.log")).start()
+        await asyncio.gather(*(asyncio.to_thread(p.wait_healthy, start_timeout_s) for p in group.processes))
+        yield list(group.processes)
+    finally:
+        await asyncio.to_thread(group.stop_all)
+
+
+def target_of(replicas: list[ServiceProcess]) -> str:
+    """One gRPC target naming every replica (as `dns:///` names a headless Service's pods): with the `round_robin`
+    policy a channel to it spreads calls over all of them."""
+    return "ipv4:" + ",".join(p.address for p in replicas)

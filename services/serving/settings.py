@@ -59,8 +59,9 @@ class ServingSettings(ServiceSettings):
     watch_checkpoints: bool = True
     """Follow the checkpoints topic and swap to each promoted checkpoint."""
     consumer_group: str | None = None
-    """Kafka consumer group of the checkpoint watcher; default `distillery-serving-<hostname>-<pid>`: every replica
-    has its own group, because every replica must see every promotion."""
+    """Kafka consumer group of the checkpoint watcher; default `distillery-serving-<hostname>-<pid>-<random>`: every
+    replica has its own group, because every replica must see every promotion. Never set one value for several
+    replicas (a shared ConfigMap): they would split the topic's partitions and miss each other's promotions."""
     vllm: VllmSettings = Field(
         default_factory=lambda: VllmSettings(max_num_seqs=512, kv_cache_gib=2.0, enable_prefix_caching=True)
     )

@@ -1,7 +1,9 @@
 """Checkpoint watcher: follows the checkpoints topic and swaps to every promoted checkpoint.
 
 Each replica reads in its own consumer group (every replica must see every promotion), from the earliest offset:
-events not newer than the served version are ignored cheaply, so replaying the topic at start-up costs little.
+events not newer than the served version are ignored cheaply, so replaying the topic at start-up costs little. A
+replica keeps no state of its own: at start it serves the newest promoted checkpoint in the registry, and a new
+group then replays the topic, so a restarted or added replica ends on the same version as the others.
 kafka-python is blocking, so the consumer runs on a thread and hands each event to the event loop, waits for the
 swap to finish (or fail), and only then commits the offset. An event it cannot use — undecodable, without a schema
 header, invalid (no version or registry URI), or a promoted checkpoint serving refused (verification, load or
@@ -16,6 +18,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -39,7 +42,11 @@ def validate_event(event: pb.common.CheckpointEvent) -> None:
 
 
 def default_group() -> str:
-    return f"distillery-serving-{socket.gethostname()}-{os.getpid()}"
+    """A group of this process alone. Host name and PID are not enough: in a container the service is PID 1, and
+    pods with `hostNetwork` share their node's host name; two replicas in one group would split the topic's
+    partitions, and one of them would miss promotions. The random part makes it unique; nothing needs the group
+    to survive a restart (see the module docstring)."""
+    return f"distillery-serving-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 class CheckpointWatcher:

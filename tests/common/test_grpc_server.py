@@ -102,3 +102,29 @@ async def test_graceful_stop_reports_not_serving() -> None:
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     await server.stop(grace=0)
+
+
+async def test_connection_age_ends_connections_not_calls() -> None:
+    """With a maximum connection age, a stream older than it still gets its messages (the server only stops taking
+    new calls on that connection), and the client's next calls go over a new connection."""
+    import asyncio
+
+    server = GrpcServer("serving", ServiceSettings(max_connection_age_s=0.5))
+    port = await server.start(metrics=False)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            await asyncio.sleep(2.0)  # four times the connection's age
+            await server.set_serving(False)
+            second = await asyncio.wait_for(watch.read(), 10)
+            assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            for _ in range(3):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10, wait_for_ready=True)
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                await asyncio.sleep(0.6)
+    finally:
+        await server.stop(grace=0)

@@ -1,7 +1,8 @@
-"""Offline JSON schemas for the custom resources the manifests use (Strimzi, prometheus-operator).
+"""Offline JSON schemas for the custom resources the manifests use (Strimzi, prometheus-operator, cert-manager, KEDA).
 
 kubernetes-validate knows only built-in kinds. These schemas are written here after the upstream CRDs
-(kafka.strimzi.io/v1beta2 from Strimzi 0.4x, monitoring.coreos.com/v1 from prometheus-operator 0.7x/0.8x):
+(kafka.strimzi.io/v1beta2 from Strimzi 0.4x, monitoring.coreos.com/v1 from prometheus-operator 0.7x/0.8x,
+keda.sh/v1alpha1 ScaledObject from KEDA 2.1x with its prometheus trigger's metadata keys):
 they cover the fields distillery's manifests use, with the upstream types, enums and required keys, and reject
 unknown keys where the manifests set them, so a typo fails here instead of in the operator. They are not the
 complete upstream schemas.
@@ -294,7 +295,115 @@ CERTIFICATE = resource(
     )
 )
 
+# keda.sh/v1alpha1 ScaledObject (KEDA 2.1x). `behavior` is autoscaling/v2's HorizontalPodAutoscalerBehavior.
+_SCALING_RULES = strict(
+    {
+        "stabilizationWindowSeconds": {"type": "integer", "minimum": 0, "maximum": 3600},
+        "selectPolicy": {"enum": ["Max", "Min", "Disabled"]},
+        "tolerance": QUANTITY,
+        "policies": {
+            "type": "array",
+            "items": strict(
+                {
+                    "type": {"enum": ["Pods", "Percent"]},
+                    "value": {"type": "integer", "exclusiveMinimum": 0},
+                    "periodSeconds": {"type": "integer", "exclusiveMinimum": 0, "maximum": 1800},
+                },
+                ["type", "value", "periodSeconds"],
+            ),
+        },
+    }
+)
+_FLOAT_STRING = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}
+#: The prometheus scaler's metadata keys (KEDA's CRD types metadata as a string map; the scaler rejects the rest).
+PROMETHEUS_TRIGGER_METADATA = strict(
+    {
+        "serverAddress": {"type": "string", "pattern": "^https?://"},
+        "query": {"type": "string", "minLength": 1},
+        "threshold": _FLOAT_STRING,
+        "activationThreshold": _FLOAT_STRING,
+        "namespace": {"type": "string"},
+        "customHeaders": {"type": "string"},
+        "ignoreNullValues": {"enum": ["true", "false"]},
+        "queryParameters": {"type": "string"},
+        "unsafeSsl": {"enum": ["true", "false"]},
+        "authModes": {"type": "string"},
+        "timeout": {"type": "string"},
+    },
+    ["serverAddress", "query", "threshold"],
+)
+SCALED_OBJECT = resource(
+    strict(
+        {
+            "scaleTargetRef": strict(
+                {
+                    "apiVersion": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "name": {"type": "string", "minLength": 1},
+                    "envSourceContainerName": {"type": "string"},
+                },
+                ["name"],
+            ),
+            "pollingInterval": {"type": "integer", "minimum": 1},
+            "cooldownPeriod": {"type": "integer", "minimum": 0},
+            "initialCooldownPeriod": {"type": "integer", "minimum": 0},
+            "idleReplicaCount": {"type": "integer", "minimum": 0},
+            "minReplicaCount": {"type": "integer", "minimum": 0},
+            "maxReplicaCount": {"type": "integer", "minimum": 1},
+            "fallback": strict(
+                {
+                    "failureThreshold": {"type": "integer", "minimum": 1},
+                    "replicas": {"type": "integer", "minimum": 0},
+                    "behavior": {
+                        "enum": ["static", "currentReplicas", "currentReplicasIfHigher", "currentReplicasIfLower"]
+                    },
+                },
+                ["failureThreshold", "replicas"],
+            ),
+            "advanced": strict(
+                {
+                    "restoreToOriginalReplicaCount": {"type": "boolean"},
+                    "horizontalPodAutoscalerConfig": strict(
+                        {
+                            "name": {"type": "string"},
+                            "behavior": strict({"scaleUp": _SCALING_RULES, "scaleDown": _SCALING_RULES}),
+                        }
+                    ),
+                    "scalingModifiers": OPEN_OBJECT,
+                }
+            ),
+            "triggers": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "allOf": [
+                        strict(
+                            {
+                                "type": {"type": "string", "minLength": 1},
+                                "name": {"type": "string"},
+                                "metadata": STRING_MAP,
+                                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                "useCachedMetrics": {"type": "boolean"},
+                                "authenticationRef": strict(
+                                    {"name": {"type": "string"}, "kind": {"type": "string"}}, ["name"]
+                                ),
+                            },
+                            ["type", "metadata"],
+                        ),
+                        {
+                            "if": {"properties": {"type": {"const": "prometheus"}}},
+                            "then": {"properties": {"metadata": PROMETHEUS_TRIGGER_METADATA}},
+                        },
+                    ]
+                },
+            },
+        },
+        ["scaleTargetRef", "triggers"],
+    )
+)
+
 SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
     ("cert-manager.io/v1", "Issuer"): ISSUER,
     ("cert-manager.io/v1", "Certificate"): CERTIFICATE,
     ("kafka.strimzi.io/v1beta2", "Kafka"): KAFKA,

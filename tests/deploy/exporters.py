@@ -56,3 +56,20 @@ def serving_traffic(wpm: float = 150.0, streams_per_second: float = 20.0) -> Ite
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def headroom_exporter(value: float) -> Iterator[str]:
+    """An exporter of one serving replica's `distillery_serving_wpm_headroom_ratio` (its real name and type), fixed
+    at `value`; yields the host:port Prometheus scrapes."""
+    registry = CollectorRegistry()
+    Gauge("distillery_serving_wpm_headroom_ratio", "Median open-stream speed over the target.", registry=registry).set(
+        value
+    )
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

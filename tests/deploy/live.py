@@ -58,12 +58,12 @@ def live_services(bootstrap: str, model_dir: Path, home: Path) -> Iterator[LiveS
         group.stop_all()
 
 
-def serve_streams(address: str, streams: int = 24, concurrency: int = 4) -> list[float]:
+def serve_streams(address: str, streams: int = 24, concurrency: int = 4, max_tokens: int = 24) -> list[float]:
     """Real Generate streams against serving; returns their words per minute as the client measured them."""
     from services.serving.loadtest import LoadtestConfig, run_loadtest
 
     config = LoadtestConfig(
-        address=address, concurrency=concurrency, duration_s=None, max_streams=streams, max_tokens=24,
+        address=address, concurrency=concurrency, duration_s=None, max_streams=streams, max_tokens=max_tokens,
         temperature=1.0,  # a random tiny model needs sampling to produce words
     )  # fmt: skip
     result = asyncio.run(run_loadtest(config))

@@ -55,6 +55,7 @@ CONTRACT: dict[str, str] = {
     "distillery_serving_time_to_first_token_seconds": "histogram",
     "distillery_serving_inter_token_latency_seconds": "histogram",
     "distillery_serving_active_streams": "gauge",
+    "distillery_serving_wpm_headroom_ratio": "gauge",
     "distillery_serving_model_version": "gauge",
     "distillery_serving_model": "info",
     "distillery_serving_swaps": "counter",

@@ -36,12 +36,15 @@ class PrometheusServer:
         jobs: dict[str, list[str]],
         rule_files: list[Path] | None = None,
         interval: str = "1s",
+        labels: dict[str, str] | None = None,
     ) -> None:
         self.binary = binary
         self.workdir = workdir
         self.jobs = jobs
         self.rule_files = rule_files or []
         self.interval = interval
+        self.labels = labels or {}
+        """Labels every target gets (as Kubernetes service discovery adds `namespace`)."""
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -58,7 +61,8 @@ class PrometheusServer:
             "global": {"scrape_interval": self.interval, "evaluation_interval": self.interval},
             "rule_files": [str(p) for p in self.rule_files],
             "scrape_configs": [
-                {"job_name": job, "static_configs": [{"targets": targets}]} for job, targets in self.jobs.items()
+                {"job_name": job, "static_configs": [{"targets": targets, "labels": self.labels}]}
+                for job, targets in self.jobs.items()
             ],
         }
 

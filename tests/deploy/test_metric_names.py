@@ -6,6 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest, start_http_server
 
 from tests.deploy.metrics import CONTRACT, exported_sample_names, metric_names, parse_exposition, sample_names
+from tests.deploy.test_autoscaling import component_query
 from tests.deploy.test_dashboard import dashboard_exprs
 from tests.deploy.test_prometheus_rules import alerts
 
@@ -58,13 +59,18 @@ def test_exported_sample_names_scrapes_a_real_endpoint() -> None:
 
 
 def queried_names() -> set[str]:
-    return set().union(*(metric_names(e) for e in dashboard_exprs()), *(metric_names(a["expr"]) for a in alerts()))
+    """Metrics the dashboard, the alerts and the serving autoscaler's trigger query."""
+    return set().union(
+        *(metric_names(e) for e in dashboard_exprs()),
+        *(metric_names(a["expr"]) for a in alerts()),
+        metric_names(component_query()),
+    )
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("service", ["teacher", "trainer", "serving"])
 def test_queried_metrics_are_exported_by_the_service(service: str, live) -> None:
-    """Every metric of `service` the dashboard or the alerts query is in what the running service exports."""
+    """Every metric of `service` the dashboard, the alerts or the autoscaler query is in what the service exports."""
     wanted = {n for n in queried_names() if n.startswith(f"distillery_{service}_")}
     assert wanted, f"nothing queries {service}'s metrics"
     exported = exported_sample_names(live.metrics_url(service))

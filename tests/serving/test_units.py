@@ -168,3 +168,43 @@ def test_standby_engines_leave_a_core_for_the_standby(monkeypatch: pytest.Monkey
     assert ServingSettings(swap={"strategy": "engine"}).engine_settings().omp_threads is None
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert ServingSettings().engine_settings().omp_threads is None
+
+
+def test_every_replica_gets_its_own_checkpoint_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two pods with the same host name (hostNetwork) and PID (the service is PID 1 in its container) still get two
+    groups: one group shared by two replicas would give each only some of the checkpoint topic's partitions."""
+    import os
+    import socket
+
+    from services.serving.watcher import default_group
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-1")
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    groups = {default_group() for _ in range(50)}
+    assert len(groups) == 50
+    assert all(g.startswith("distillery-serving-node-1-1-") for g in groups)
+
+
+def test_headroom_is_the_median_open_stream_speed_over_the_target() -> None:
+    """The autoscaler's signal: +Inf with nothing to judge, streams younger than the grace period left out, a
+    stream still waiting for its first token counted at 0 words per minute."""
+    import time
+
+    from services.serving.metrics import OpenStreams, headroom
+
+    assert headroom([]) == math.inf
+    assert headroom([119.0, 238.0, 476.0]) == pytest.approx(1.0)
+    streams = OpenStreams()
+    streams.sweep()
+    assert REGISTRY.get_sample_value("distillery_serving_wpm_headroom_ratio") == math.inf
+    now = time.perf_counter()
+    for words in (4, 8, 40):  # 4 s since the first token: 60, 120 and 600 wpm
+        meter = streams.open()
+        meter.chunk(" ".join(["w"] * words), words, now=now - 4.0)
+    streams.open()  # just arrived: not judged yet
+    assert streams.sweep() == 2
+    assert REGISTRY.get_sample_value("distillery_serving_wpm_headroom_ratio") == pytest.approx(120 / 238, rel=0.01)
+    waiting = streams.open()
+    waiting.started = now - 2.0  # two seconds without a token
+    streams.sweep()
+    assert REGISTRY.get_sample_value("distillery_serving_wpm_headroom_ratio") == pytest.approx(90 / 238, rel=0.01)
