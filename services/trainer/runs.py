@@ -30,6 +30,7 @@ from services.common.models import parameter_count
 from services.common.registry import Checkpoint, Registry
 from services.trainer import budget
 from services.trainer.loop import TrainingRun
+from services.trainer.ranks import RankGroup
 from services.trainer.settings import TrainerSettings
 from services.trainer.spec import complete, from_json, teacher_config_of, to_json
 
@@ -257,7 +258,7 @@ class RunManager:
             rec.thread.start()
         self.watchers.notify()
 
-    def _on_progress(self, rec: RunRecord, progress: pb.trainer.RunProgress, run: TrainingRun) -> None:
+    def _on_progress(self, rec: RunRecord, progress: pb.trainer.RunProgress, run: TrainingRun | RankGroup) -> None:
         with self.lock:
             state = rec.info.progress.state
             rec.info.progress.CopyFrom(progress)
@@ -272,11 +273,13 @@ class RunManager:
         spec = rec.info.spec
         final: int | None = None
         error = ""
-        run: TrainingRun | None = None
+        run: TrainingRun | RankGroup | None = None
         try:
             if rec.stop.is_set():
                 raise _StoppedBeforeStart
-            run = TrainingRun(
+            # One rank trains here; more are child processes behind a RankGroup (rank 0 checkpoints and announces).
+            kind = TrainingRun if self.settings.world_size == 1 else RankGroup
+            run = kind(
                 self.settings, spec, self.teacher_dir, self.registry, self.producer,
                 lambda p: self._on_progress(rec, p, run),  # type: ignore[arg-type]
                 rec.stop,

@@ -7,15 +7,15 @@ import multiprocessing
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.bench.scale_trainer import synthetic_items
 from services.common import pb
 from services.common.process import free_port
 from services.trainer.batching import batch_loss, collate
-from services.trainer.buffer import REFERENCE, SAMPLE, Item
+from services.trainer.buffer import Item
 from services.trainer.losses import LossWeights
 from services.trainer.parallel import slices
 
@@ -23,24 +23,6 @@ STEPS, ACCUM, PER_RANK = 3, 2, 3  # 3 optimizer steps of 2 micro-batches; 3 item
 LR, CLIP = 1e-3, 1.0
 WEIGHTS = LossWeights(forward_kl=1.0, cross_entropy=0.3, reference_ce=0.5)
 ON_POLICY = LossWeights(forward_kl=0.0, reverse_kl=1.0)
-
-
-def _items(vocab: int, count: int, seed: int = 0) -> list[Item]:
-    """Items of uneven lengths (so the ranks' slices hold different position counts): teacher samples with a top-5,
-    reference answers, and scored student completions."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(count):
-        prompt, targets = int(rng.integers(2, 7)), int(rng.integers(1, 9))
-        ids = rng.integers(3, vocab, prompt + targets).tolist()
-        if i % 3 == 2:
-            out.append(Item(0, i, REFERENCE, ids, prompt, source=REFERENCE))
-            continue
-        top_ids = np.stack([rng.choice(vocab, 5, replace=False) for _ in range(targets)]).astype(np.int64)
-        probs = rng.dirichlet(np.ones(6), targets)[:, :5].astype(np.float32)  # the 6th is the tail's mass
-        source = "scored_student" if i % 5 == 4 else "generated"
-        out.append(Item(0, i, SAMPLE, ids, prompt, top_ids, np.log(probs), source=source))
-    return out
 
 
 def _model(folder: Path) -> tuple[Any, torch.optim.Optimizer]:
@@ -117,7 +99,7 @@ def test_two_gloo_ranks_train_the_same_steps_as_one_rank_with_twice_the_batch(tm
 
     folder = build_llama(tmp_path / "student", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                          intermediate_size=96, vocab_size=512, seed=3, dtype="float32")  # fmt: skip
-    items = _items(512, STEPS * ACCUM * 2 * PER_RANK)
+    items = synthetic_items(512, STEPS * ACCUM * 2 * PER_RANK)  # samples, references, on-policy
     # Each micro-batch's two halves differ in position counts: the global normalization is what makes them add up.
     halves = [slices(items[i : i + 2 * PER_RANK], 2) for i in range(0, len(items), 2 * PER_RANK)]
     assert any(sum(it.targets for it in a) != sum(it.targets for it in b) for a, b in halves)
