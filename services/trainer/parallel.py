@@ -164,10 +164,10 @@ class DataParallel:
 
     def micro(self, items: Sequence[Item], accum: int) -> Micro:
         """Rank 0: slices `items` over the ranks, trains its own slice, and returns the whole micro-batch's result."""
-        started = time.perf_counter()
         batches = [collate(part, self.pad_id) if part else None for part in slices(items, self.world)]
         counts = [_counts(b) if b is not None else (0, 0, 0) for b in batches]
         total = tuple(sum(c[i] for c in counts) for i in range(3))
+        started = time.perf_counter()
         self._header([MICRO, accum, *total])
         for r in range(1, self.world):
             self._send(batches[r], r)

@@ -1,0 +1,1 @@
+"""Benchmarks and their peers, kept out of the service packages."""
