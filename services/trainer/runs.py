@@ -29,6 +29,7 @@ from services.common.kafka import ProtoProducer
 from services.common.models import parameter_count
 from services.common.registry import Checkpoint, Registry
 from services.trainer import budget
+from services.trainer.device import resolve_device
 from services.trainer.loop import TrainingRun
 from services.trainer.ranks import RankGroup
 from services.trainer.settings import TrainerSettings
@@ -172,6 +173,8 @@ class RunManager:
 
     def start_run(self, spec: pb.trainer.RunSpec) -> pb.trainer.RunInfo:
         memory = int(budget.machine_bytes() * self.settings.run_memory_fraction)
+        if self.settings.world_size > 1 and resolve_device(self.settings.device).type == "cpu":
+            memory //= self.settings.world_size  # every rank holds a replica (weights, gradients, Adam) in this RAM
         # InvalidArgument naming the field; ResourceExhausted when the run would not fit in memory.
         full = complete(spec, self.teacher_config, self.settings.checker_modules, self.registry, memory)
         with self.lock:
