@@ -176,6 +176,8 @@ class RankGroup:
         for rank in range(self.world):
             rank_device(self.settings.device, rank, self.world)  # a ValueError naming the setting, before forking
         for attempt in range(self.settings.rank_restarts + 1):
+            if attempt:
+                self.registry.discard_staging()  # what a killed rank 0 was writing; no rank runs now
             final = self._attempt(attempt)
             if final is not None:
                 return final

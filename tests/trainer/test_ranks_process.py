@@ -121,3 +121,52 @@ def test_sigkill_of_a_rank_restarts_the_ranks_and_the_run_resumes_exactly(
     assert sorted(e.value.version for e in events) == sorted(c.version for c in ckpts)
     state = json.loads((home / "trainer" / "runs" / "ranks.json").read_text())
     assert state["state"] == "RUN_STATE_RUNNING"
+
+
+@pytest.mark.e2e
+async def test_a_two_rank_run_through_the_service_succeeds_announces_and_leaves_no_rank(
+    tiny_teacher: Path, tiny_samples: list, tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    import asyncio
+    import urllib.request
+
+    import psutil
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.trainer.main import TrainerApp
+    from tests.trainer.conftest import trainer_settings
+
+    publish(kafka_settings, tiny_samples)
+    settings = trainer_settings(tiny_teacher, tmp_path / "home", kafka_settings, world_size=2)
+    settings = settings.model_copy(update={"torch_threads": 0})  # 0: each rank an equal share of the cores
+    app = await TrainerApp.create(settings)
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(app.server.address) as channel:
+            stub = pb.trainer_grpc.TrainerServiceStub(channel)
+            spec = tiny_spec("pair", max_steps=4, eval_every_steps=2, batch_size=5)  # slices of 3 and 2 items
+            spec.gate.min_accuracy_ratio = 0.0
+            spec.gate.must_beat_promoted = False
+            await stub.StartRun(pb.trainer.StartRunRequest(spec=spec))
+            seen = [r.progress async for r in stub.WatchRun(pb.trainer.WatchRunRequest(run_id="pair"), timeout=300)]
+        final = seen[-1]
+        assert final.state == pb.trainer.RUN_STATE_SUCCEEDED, final.error
+        assert final.step == 4 and final.tokens_trained > 0 and final.last_eval.step == 4
+        ckpts = Registry(settings.registry).checkpoints("pair")
+        assert [c.manifest.step for c in ckpts] == [2, 4]
+        events = await asyncio.to_thread(read_topic, kafka_settings, kafka_settings.topic_checkpoints,
+                                         pb.common.CheckpointEvent, 3, 5)  # fmt: skip
+        assert sorted(e.value.step for e in events) == [2, 4]  # one announcement per checkpoint: rank 0's
+        body = (
+            await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{app.server.metrics_port}/metrics").read()
+            )
+        ).decode()
+        step = next(s.value for f in text_string_to_metric_families(body) for s in f.samples
+                    if s.name == "distillery_trainer_step")  # fmt: skip
+        assert step == 4  # rank 0's progress, mirrored on the service's /metrics
+    finally:
+        await app.close()
+    ranks = json.loads((settings.work_dir / "pair" / "ranks.json").read_text())["pids"]
+    assert not [p for p in psutil.Process().children(recursive=True) if p.pid in ranks and p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]  # fmt: skip
