@@ -107,7 +107,10 @@ def rank_main(
         # Ranks on one machine's CPU share its cores: torch_threads 0 means an equal share each.
         threads = settings.torch_threads or max(1, len(os.sched_getaffinity(0)) // world)
         settings = settings.model_copy(update={"device": str(device), "torch_threads": threads})
-        init_group(rank, world, port, device, settings.rank_timeout_s)
+        try:
+            init_group(rank, world, port, device, settings.rank_timeout_s)
+        except RuntimeError as exc:  # e.g. the port was taken meanwhile: a restart picks another
+            raise RankLost(f"rank {rank}: joining the group failed: {exc}") from exc
         logger.info("rank started", extra={"run_id": spec.run_id, "rank": rank, "world_size": world,
                                            "device": str(device), "backend": dist.get_backend()})  # fmt: skip
         if rank == 0:
