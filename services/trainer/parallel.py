@@ -291,41 +291,52 @@ class DataParallel:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _send(self, batch: Batch | None, dst: int) -> None:
+        """A slice as two messages (its shapes, then every tensor packed in one int64 buffer): each message costs a
+        round of wake-ups on a loaded machine, bytes hardly matter at these sizes."""
         meta = torch.zeros(META, dtype=torch.int64)
         if batch is not None:
             b, s = batch.input_ids.shape
             meta[:7] = torch.tensor([b, s, batch.targets_count, batch.top_ids.shape[1], batch.n_teacher,
                                      batch.n_student, batch.tokens])  # fmt: skip
         self._collective(dist.send, meta.to(self.comm), dst)
-        if batch is None:
-            return
-        for t in (batch.input_ids, batch.positions, batch.targets, batch.top_ids, batch.top_logprobs, batch.weights,
-                  batch.sources):  # fmt: skip
-            if t.numel():
-                self._collective(dist.send, t.contiguous().to(self.comm), dst)
+        if batch is not None:
+            self._collective(dist.send, pack(batch).to(self.comm), dst)
 
     def _recv(self) -> Batch | None:
         meta = torch.zeros(META, dtype=torch.int64, device=self.comm)
         self._collective(dist.recv, meta, 0)
-        b, s, n, k, nt, no, tokens, _ = meta.cpu().tolist()
+        b, s, n, k, nt, no, tokens, _ = (int(v) for v in meta.cpu().tolist())
         if b == 0:
             return None
+        payload = torch.zeros(packed_size(b, s, n, k, nt + no), dtype=torch.int64, device=self.comm)
+        self._collective(dist.recv, payload, 0)
+        # On the host: the slice is moved (pinned, on CUDA) with the rest in `_train_slice`.
+        return unpack(payload.cpu(), b, s, n, k, nt, no, tokens)
 
-        def take(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-            t = torch.zeros(shape, dtype=dtype, device=self.comm)
-            if t.numel():
-                self._collective(dist.recv, t, 0)
-            return t.cpu()  # the slice is moved (pinned, on CUDA) with the rest in `_train_slice`
 
-        input_ids = take((b, s), torch.long)
-        positions = take((n,), torch.long)
-        targets = take((n,), torch.long)
-        top_ids = take((nt + no, k), torch.long)
-        top_logprobs = take((nt + no, k), torch.float32)
-        weights = take((n,), torch.float32)
-        sources = take((n,), torch.long)
-        return Batch(
-            input_ids=input_ids, positions=positions, targets=targets, n_teacher=nt, n_student=no, top_ids=top_ids,
-            top_logprobs=top_logprobs, top_valid=torch.isfinite(top_logprobs), weights=weights, tokens=tokens,
-            sources=sources,
-        )  # fmt: skip
+def packed_size(b: int, s: int, n: int, k: int, rows: int) -> int:
+    """int64 words of a packed slice: ids (B·S), positions, targets, sources (N each), top ids and top log-probs
+    (rows·K each), weights (N); float32 values travel bit for bit, one per word."""
+    return b * s + 4 * n + 2 * rows * k
+
+
+def _bits(t: Tensor) -> Tensor:
+    return t.contiguous().view(torch.int32).to(torch.int64).reshape(-1)
+
+
+def pack(batch: Batch) -> Tensor:
+    """A collated slice in one int64 tensor (see `packed_size` for the layout)."""
+    parts = (batch.input_ids, batch.positions, batch.targets, batch.sources, batch.top_ids)
+    return torch.cat([*(t.reshape(-1) for t in parts), _bits(batch.top_logprobs), _bits(batch.weights)])
+
+
+def unpack(payload: Tensor, b: int, s: int, n: int, k: int, nt: int, no: int, tokens: int) -> Batch:
+    """The inverse of `pack`."""
+    sizes = [b * s, n, n, n, (nt + no) * k, (nt + no) * k, n]
+    ids, positions, targets, sources, top_ids, top_bits, weight_bits = torch.split(payload, sizes)
+    top_logprobs = top_bits.to(torch.int32).view(torch.float32).reshape(nt + no, k)
+    return Batch(
+        input_ids=ids.reshape(b, s), positions=positions, targets=targets, n_teacher=nt, n_student=no,
+        top_ids=top_ids.reshape(nt + no, k), top_logprobs=top_logprobs, top_valid=torch.isfinite(top_logprobs),
+        weights=weight_bits.to(torch.int32).view(torch.float32), tokens=tokens, sources=sources,
+    )  # fmt: skip

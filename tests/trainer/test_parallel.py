@@ -7,6 +7,7 @@ import multiprocessing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -91,6 +92,24 @@ def test_slices_are_contiguous_and_near_equal() -> None:
     assert [len(s) for s in slices(list(range(7)), 3)] == [3, 2, 2]
     assert [len(s) for s in slices(list(range(1)), 2)] == [1, 0]
     assert [x for part in slices(list(range(7)), 3) for x in part] == list(range(7))
+
+
+def test_a_packed_slice_comes_back_bit_for_bit() -> None:
+    from services.trainer.parallel import pack, packed_size, unpack
+
+    items = synthetic_items(512, 7, seed=5)  # samples, references, on-policy completions
+    assert items[0].top_logprobs is not None
+    items[0].top_logprobs[:, -1] = -np.inf  # a top-k shorter than K
+    batch = collate(items, 0)
+    b, s = batch.input_ids.shape
+    rows, k = batch.top_ids.shape
+    payload = pack(batch)
+    assert payload.dtype == torch.int64 and payload.numel() == packed_size(b, s, batch.targets_count, k, rows)
+    back = unpack(payload, b, s, batch.targets_count, k, batch.n_teacher, batch.n_student, batch.tokens)
+    for name in ("input_ids", "positions", "targets", "top_ids", "top_valid", "weights", "sources"):
+        assert torch.equal(getattr(back, name), getattr(batch, name)), name
+    assert torch.equal(back.top_logprobs, batch.top_logprobs) and bool(torch.isinf(batch.top_logprobs).any())
+    assert (back.n_teacher, back.n_student, back.tokens) == (batch.n_teacher, batch.n_student, batch.tokens)
 
 
 @pytest.mark.e2e
