@@ -274,4 +274,10 @@ class RankGroup:
             metrics.CHECKPOINTS_WRITTEN.inc()
         if p.promoted_version and p.promoted_version != last.promoted_version:
             metrics.CHECKPOINTS_PROMOTED.inc()
+        if p.last_eval.step != last.last_eval.step or p.last_eval.eval_prompts != last.last_eval.eval_prompts:
+            for name, gauge in metrics.EVAL_GAUGES.items():
+                if p.last_eval.HasField(name):  # type: ignore[arg-type]
+                    gauge.set(getattr(p.last_eval, name))
+            if p.last_eval.gate_metric and p.last_eval.HasField("gate_score"):
+                metrics.GATE_SCORE.labels(p.last_eval.gate_metric).set(p.last_eval.gate_score)
         self._last = p

@@ -162,9 +162,12 @@ async def test_a_two_rank_run_through_the_service_succeeds_announces_and_leaves_
                 lambda: urllib.request.urlopen(f"http://127.0.0.1:{app.server.metrics_port}/metrics").read()
             )
         ).decode()
-        step = next(s.value for f in text_string_to_metric_families(body) for s in f.samples
-                    if s.name == "distillery_trainer_step")  # fmt: skip
-        assert step == 4  # rank 0's progress, mirrored on the service's /metrics
+        values = {(s.name, tuple(s.labels.items())): s.value for f in text_string_to_metric_families(body)
+                  for s in f.samples}  # fmt: skip
+        # Rank 0's progress, mirrored on the service's /metrics.
+        assert values[("distillery_trainer_step", ())] == 4
+        ev = final.last_eval
+        assert values[("distillery_trainer_gate_score", (("metric", ev.gate_metric),))] == pytest.approx(ev.gate_score)
     finally:
         await app.close()
     ranks = json.loads((settings.work_dir / "pair" / "ranks.json").read_text())["pids"]
