@@ -1,6 +1,7 @@
-"""`distillery trainer serve` with world_size 2 (two gloo ranks as its child processes) on the embedded broker: rank 1
+"""`distillery trainer serve` with world_size 2 (two gloo ranks as its child processes) on the embedded broker: a rank
 is SIGKILLed mid-run, the service restarts both ranks and the run resumes exactly from its newest checkpoint (the
-same check as the one-rank resume test); only rank 0 trains the lineage, writes checkpoints and announces them."""
+same check as the one-rank resume test); only rank 0 trains the lineage, writes checkpoints and announces them. A
+SIGKILLed service takes its ranks with it."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from tests.trainer.test_resume_process import _env, _free_port, _kill, _lineage,
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.parametrize("killed", [1, 0])
 def test_sigkill_of_a_rank_restarts_the_ranks_and_the_run_resumes_exactly(
-    tiny_teacher: Path, tiny_samples: list, tmp_path: Path, kafka_settings: KafkaSettings
+    killed: int, tiny_teacher: Path, tiny_samples: list, tmp_path: Path, kafka_settings: KafkaSettings
 ) -> None:
     kafka = kafka_settings
     from services.common.kafka import ensure_topics
@@ -68,7 +70,7 @@ def test_sigkill_of_a_rank_restarts_the_ranks_and_the_run_resumes_exactly(
         _wait(trained_past_a_checkpoint, trainer, log, 300, "steps past the second checkpoint")
         first = ranks()
         assert first["attempt"] == 0 and len(first["pids"]) == 2
-        os.kill(first["pids"][1], signal.SIGKILL)  # rank 1: rank 0 has trained steps it did not checkpoint
+        os.kill(first["pids"][killed], signal.SIGKILL)  # rank 0 has trained steps it did not checkpoint
         before = _lineage(lineage)
         first_pid = before[0]["pid"]
         assert first_pid == first["pids"][0]  # rank 0 writes the lineage
@@ -173,3 +175,36 @@ async def test_a_two_rank_run_through_the_service_succeeds_announces_and_leaves_
     ranks = json.loads((settings.work_dir / "pair" / "ranks.json").read_text())["pids"]
     assert not [p for p in psutil.Process().children(recursive=True) if p.pid in ranks and p.is_running()
                 and p.status() != psutil.STATUS_ZOMBIE]  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_a_sigkilled_service_takes_its_ranks_with_it(
+    tiny_teacher: Path, tiny_samples: list, tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
+    from services.common.kafka import ensure_topics
+
+    ensure_topics(kafka_settings)
+    publish(kafka_settings, tiny_samples)
+    port, lineage, home = _free_port(), tmp_path / "lineage.jsonl", tmp_path / "home"
+    env = _env(tiny_teacher, home, kafka_settings, port, lineage)
+    env.update(DISTILLERY_TRAINER_WORLD_SIZE="2")
+    log = tmp_path / "trainer.log"
+    trainer = _serve(env, log)
+    processes = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=120)
+            stub = pb.trainer_grpc.TrainerServiceStub(channel)
+            spec = tiny_spec("orphans", max_steps=0, eval_every_steps=50, batch_size=4)
+            stub.StartRun(pb.trainer.StartRunRequest(spec=spec), timeout=60)
+        _wait(lambda: bool(_lineage(lineage)), trainer, log, 300, "a first step of the two ranks")
+        pids = json.loads((home / "trainer" / "work" / "orphans" / "ranks.json").read_text())["pids"]
+        processes = [p for p in family(trainer.pid) if p.pid in pids]
+        assert len(processes) == 2
+        os.kill(trainer.pid, signal.SIGKILL)  # the service alone, not its process group
+        trainer.wait(timeout=30)
+        assert wait_gone(processes, 30) == []  # PR_SET_PDEATHSIG
+    finally:
+        if trainer.poll() is None:
+            _kill(trainer)
+        kill_all(processes)
