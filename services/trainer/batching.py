@@ -152,9 +152,10 @@ def batch_loss(
     autocast: bool,
     body: Any = None,
     on_policy: LossWeights | None = None,
+    counts: tuple[int, int, int] | None = None,
 ) -> StepLoss:
     """The run's mixed loss for one (micro-)batch: `weights` on off-policy and reference rows, `on_policy` on
-    scored student completions."""
+    scored student completions. `counts`: see `distillation_loss` (a rank's share of a data-parallel batch)."""
     logits = answer_logits(model, batch.input_ids, batch.positions, autocast, body)
     nt, no = batch.n_teacher, batch.n_student
     loss, parts, per_position = distillation_loss(
@@ -176,6 +177,7 @@ def batch_loss(
             o_weights=batch.weights[nt : nt + no],
         ),
         on_policy,
+        counts,
     )
     codes = batch.sources.tolist()
     values = per_position.cpu().tolist()

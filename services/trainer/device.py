@@ -70,3 +70,21 @@ def synchronize(device: torch.device) -> None:
     """Waits for the device's queued work (CUDA kernels run asynchronously), so a timer measures the work itself."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def rank_device(setting: str, rank: int, world: int) -> torch.device:
+    """The device of data-parallel rank `rank` of `world`: the setting's, except that on CUDA each rank of a
+    multi-rank run takes its own GPU, cuda:RANK (NCCL refuses two ranks on one device).
+
+    Raises ValueError naming the setting for an explicit cuda:N with world > 1, or fewer GPUs than ranks.
+    """
+    device = resolve_device(setting)
+    if world == 1 or device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise ValueError(f"{SETTING}={setting!r}: with world_size {world} each rank takes its own GPU (cuda:RANK); "
+                         "use auto or cuda")  # fmt: skip
+    count = torch.cuda.device_count()
+    if world > count:
+        raise ValueError(f"{SETTING}={setting!r}: world_size {world} needs {world} GPUs, this machine has {count}")
+    return torch.device("cuda", rank)

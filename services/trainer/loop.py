@@ -52,6 +52,7 @@ from services.trainer.evalset import EvalSet
 from services.trainer.evaluate import EvalResult, evaluate
 from services.trainer.intake import Intake, needs_top_k, sample_validator
 from services.trainer.onpolicy import OnPolicySampler
+from services.trainer.parallel import DataParallel, Micro, RankLost, share_start
 from services.trainer.settings import TrainerSettings
 from services.trainer.spec import loss_weights, to_json
 from services.trainer.student import make_student
@@ -83,6 +84,18 @@ def torch_threads(wanted: int) -> int:
     return wanted or len(os.sched_getaffinity(0))
 
 
+def make_optimizer(model: Any, s: pb.trainer.Schedule) -> torch.optim.AdamW:
+    """The run's AdamW (every data-parallel rank builds the same one): no weight decay on norms and biases."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.learning_rate,
+        betas=(0.9, 0.95),
+        fused=True,  # one kernel over all parameters: ≈3× faster optimizer step on CPU than the for-each loop
+    )
+
+
 class TooManyQuarantined(RuntimeError):
     """More training micro-batches raised than `max_quarantined_batches` allows: the run fails."""
 
@@ -98,6 +111,7 @@ class TrainingRun:
         on_progress: Progress,
         stop: threading.Event,
         evaluate_on_stop: threading.Event | None = None,
+        data_parallel: bool = False,
     ) -> None:
         self.settings = settings
         self.spec = spec
@@ -107,6 +121,9 @@ class TrainingRun:
         self.on_progress = on_progress
         self.stop = stop
         self.evaluate_on_stop = evaluate_on_stop or threading.Event()
+        #: Rank 0 of a torch.distributed group (`ranks.py`): micro-batches are sliced over the ranks (`parallel.py`).
+        self.data_parallel = data_parallel
+        self.dp: DataParallel | None = None
         self.topic = settings.kafka.topic_teacher_samples
         self.progress = pb.trainer.RunProgress(
             run_id=spec.run_id, state=pb.trainer.RUN_STATE_RUNNING, max_steps=spec.schedule.max_steps
@@ -157,15 +174,7 @@ class TrainingRun:
         self.body = torch.compile(self.model.model, dynamic=True) if self.settings.compile else None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.student_parameters = sum(p.numel() for p in self.model.parameters())
-        s = self.spec.schedule
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=s.learning_rate,
-            betas=(0.9, 0.95),
-            fused=True,  # one kernel over all parameters: ≈3× faster optimizer step on CPU than the for-each loop
-        )
+        self.optimizer = make_optimizer(self.model, self.spec.schedule)
         if resume is not None:
             optimizer_from_tensors(self.optimizer, resume.optimizer_tensors, resume.state["param_groups"])
             if "rng.torch" in resume.optimizer_tensors:
@@ -175,6 +184,12 @@ class TrainingRun:
             self.progress.tokens_trained = int(resume.checkpoint.manifest.metrics.get("tokens_trained", 0))
             self.progress.tokens_by_source.update(resume.state.get("tokens_by_source", {}))
             self.progress.last_checkpoint_version = resume.checkpoint.version
+        if self.data_parallel:
+            # The other ranks load the same folder (and optimizer state), then take rank 0's weights.
+            share_start(self.device, str(folder), resume is not None)
+            self.dp = DataParallel(self.model, self.optimizer, self.weights, self.on_policy_weights, self.autocast,
+                                   self.device, self.pad_id, self.body)  # fmt: skip
+            self.dp.sync_weights()
         return resume, True
 
     def _calibration_count(self) -> int:
@@ -228,9 +243,12 @@ class TrainingRun:
 
     def run(self) -> int:
         """Trains until max_steps or `stop`; returns the final RunState (SUCCEEDED or STOPPED)."""
+        lost = False
         try:
             _, ready = self._load()
             if not ready:
+                if self.data_parallel:
+                    share_start(self.device, "", False)  # no run: the other ranks leave
                 return pb.trainer.RUN_STATE_STOPPED
             s = self.spec.schedule
             while not self.stop.is_set() and not (s.max_steps and self.step >= s.max_steps):
@@ -252,7 +270,12 @@ class TrainingRun:
             if self.step != self._last_ckpt_step and (evaluate or self.settings.checkpoint_on_stop):
                 self._checkpoint(evaluate_first=evaluate)
             return pb.trainer.RUN_STATE_SUCCEEDED if finished else pb.trainer.RUN_STATE_STOPPED
+        except RankLost:
+            lost = True
+            raise
         finally:
+            if self.dp is not None and not lost:
+                self.dp.close()  # the other ranks leave too (also when this run failed)
             consumer = getattr(self, "consumer", None)
             if consumer is not None:
                 consumer.close()
@@ -300,17 +323,10 @@ class TrainingRun:
             items = self._next_items(s.batch_size)
             if items is None:
                 break  # stopping: apply what was accumulated, so every taken item is really trained
-            backward = False
-            try:
-                batch = collate(items, self.pad_id).to(self.device)
-                out = batch_loss(self.model, batch, self.weights, self.autocast, self.body, self.on_policy_weights)
-                if not torch.isfinite(out.loss.detach()):
-                    raise FloatingPointError(f"non-finite loss {float(out.loss.detach())}")
-                backward = True
-                (out.loss / s.grad_accum_steps).backward()
-            except Exception as exc:  # a batch that still raises is quarantined, not the run's end
-                self._quarantine(items, exc)
-                if backward:
+            out = self._micro(items) if self.dp is None else self.dp.micro(items, s.grad_accum_steps)
+            if out.failure is not None:  # a batch that still raises is quarantined, not the run's end
+                self._quarantine(items, out.failure)
+                if out.backward:
                     # A backward that failed part-way left partial gradients: drop this step's accumulation. The
                     # micro-batches already in it count as used (their records are not re-read).
                     self.optimizer.zero_grad(set_to_none=True)
@@ -320,21 +336,24 @@ class TrainingRun:
                 continue
             trained += items
             micro += 1
-            loss_sum += float(out.loss.detach())
+            loss_sum += out.loss
             for name, value in out.parts.items():
                 totals[name] = totals.get(name, 0.0) + value
             for name, value in out.source_loss.items():
                 source_loss[name] = source_loss.get(name, 0.0) + value
                 source_tokens[name] = source_tokens.get(name, 0) + out.source_tokens[name]
-            targets += batch.targets_count
-            tokens += batch.tokens
+            targets += out.targets
+            tokens += out.tokens
             first_use = sum(1 for it in items if it.kind == SAMPLE and it.uses == 1)
             metrics.SAMPLES.labels("trained").inc(first_use)
         if micro == 0:
             return False
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.dp is not None:
+            self.dp.step(lr, s.max_grad_norm)  # gradients summed over the ranks, then the same clip and step
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         for it in self._pending_done:
             self.tracker.done(it.partition, it.offset)
         self.step += 1
@@ -347,6 +366,22 @@ class TrainingRun:
         self._record_sources(source_loss, source_tokens)
         self._record_step(loss_sum / micro, components, targets, rate, lr)
         return micro == s.grad_accum_steps or not self.stop.is_set()
+
+    def _micro(self, items: list[Item]) -> Micro:
+        """Forward and backward of one micro-batch on this process (one rank); a failure is returned, not raised."""
+        accum = self.spec.schedule.grad_accum_steps
+        backward = False
+        try:
+            batch = collate(items, self.pad_id).to(self.device)
+            out = batch_loss(self.model, batch, self.weights, self.autocast, self.body, self.on_policy_weights)
+            if not torch.isfinite(out.loss.detach()):
+                raise FloatingPointError(f"non-finite loss {float(out.loss.detach())}")
+            backward = True
+            (out.loss / accum).backward()
+        except Exception as exc:
+            return Micro(failure=exc, backward=backward)
+        return Micro(float(out.loss.detach()), out.parts, out.source_loss, out.source_tokens, batch.targets_count,
+                     batch.tokens)  # fmt: skip
 
     def _quarantine(self, items: list[Item], exc: Exception) -> None:
         """Dead-letters the records of a micro-batch whose step raised and drops its items (their records are done,

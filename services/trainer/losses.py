@@ -154,9 +154,10 @@ def token_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -log_probs_at(logits, targets[:, None])[:, 0]
 
 
-def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
-    """Σ w·v / N over N positions; 0 (with a gradient path) when N = 0."""
-    return (values * weights).sum() / max(values.shape[0], 1)
+def weighted_mean(values: Tensor, weights: Tensor, count: int | None = None) -> Tensor:
+    """Σ w·v / N over N positions; 0 (with a gradient path) when N = 0. `count` replaces N when these positions
+    are one rank's share of a data-parallel batch of `count` positions: the ranks' values then sum to the mean."""
+    return (values * weights).sum() / max(values.shape[0] if count is None else count, 1)
 
 
 @dataclass(frozen=True)
@@ -224,13 +225,16 @@ def _divergences(
 
 
 def distillation_loss(
-    w: LossWeights, x: LossInputs, on_policy: LossWeights | None = None
+    w: LossWeights, x: LossInputs, on_policy: LossWeights | None = None, counts: tuple[int, int, int] | None = None
 ) -> tuple[Tensor, dict[str, float], Tensor]:
     """The weighted sum of the enabled terms, each term's value (unweighted) for metrics, and the loss of every
     position (N,) = (Nt + No + Nr,), detached, in row order: what `batch_loss` splits by signal source.
 
     Each term is a mean over its own positions, so the off-policy, on-policy and reference terms keep their scale
     whatever the mix of sample kinds in a batch. `on_policy` (default: `w`) weighs the scored student completions.
+    `counts` (Nt, No, Nr) of the whole data-parallel batch, when `x` is one rank's share of it: each term is then
+    divided by the batch's count instead of this share's, so the ranks' losses (and gradients) sum to the loss of
+    the whole batch on one rank.
     """
     on_policy = on_policy or w
     values: dict[str, Tensor] = {}  # term → per-position values (unweighted)
@@ -255,10 +259,12 @@ def distillation_loss(
     for name, value in values.items():
         if name.startswith("on_policy_"):
             weight, rows, per = getattr(on_policy, name.removeprefix("on_policy_")), o_weights, per_o
+            group = 1
         else:
             weight, rows, per = getattr(w, name), row_weights.get(name, x.t_weights), per_t
             per = per_r if name == "reference_ce" else per
-        term = weighted_mean(value, rows)
+            group = 2 if name == "reference_ce" else 0
+        term = weighted_mean(value, rows, None if counts is None else counts[group])
         total = total + weight * term
         per += weight * (value * rows).detach()
         parts[name] = float(term.detach())

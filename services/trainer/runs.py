@@ -29,7 +29,9 @@ from services.common.kafka import ProtoProducer
 from services.common.models import parameter_count
 from services.common.registry import Checkpoint, Registry
 from services.trainer import budget
+from services.trainer.device import resolve_device
 from services.trainer.loop import TrainingRun
+from services.trainer.ranks import RankGroup
 from services.trainer.settings import TrainerSettings
 from services.trainer.spec import complete, from_json, teacher_config_of, to_json
 
@@ -171,6 +173,8 @@ class RunManager:
 
     def start_run(self, spec: pb.trainer.RunSpec) -> pb.trainer.RunInfo:
         memory = int(budget.machine_bytes() * self.settings.run_memory_fraction)
+        if self.settings.world_size > 1 and resolve_device(self.settings.device).type == "cpu":
+            memory //= self.settings.world_size  # every rank holds a replica (weights, gradients, Adam) in this RAM
         # InvalidArgument naming the field; ResourceExhausted when the run would not fit in memory.
         full = complete(spec, self.teacher_config, self.settings.checker_modules, self.registry, memory)
         with self.lock:
@@ -257,7 +261,7 @@ class RunManager:
             rec.thread.start()
         self.watchers.notify()
 
-    def _on_progress(self, rec: RunRecord, progress: pb.trainer.RunProgress, run: TrainingRun) -> None:
+    def _on_progress(self, rec: RunRecord, progress: pb.trainer.RunProgress, run: TrainingRun | RankGroup) -> None:
         with self.lock:
             state = rec.info.progress.state
             rec.info.progress.CopyFrom(progress)
@@ -272,11 +276,13 @@ class RunManager:
         spec = rec.info.spec
         final: int | None = None
         error = ""
-        run: TrainingRun | None = None
+        run: TrainingRun | RankGroup | None = None
         try:
             if rec.stop.is_set():
                 raise _StoppedBeforeStart
-            run = TrainingRun(
+            # One rank trains here; more are child processes behind a RankGroup (rank 0 checkpoints and announces).
+            kind = TrainingRun if self.settings.world_size == 1 else RankGroup
+            run = kind(
                 self.settings, spec, self.teacher_dir, self.registry, self.producer,
                 lambda p: self._on_progress(rec, p, run),  # type: ignore[arg-type]
                 rec.stop,

@@ -65,6 +65,18 @@ class TrainerSettings(ServiceSettings):
     """Training samples a pruned student is calibrated on when its recipe does not say (the first ones of the
     run's stream: the user's own prompts and the teacher's answers)."""
 
+    world_size: int = Field(1, ge=1, le=256)
+    """Data-parallel ranks per run (torch.distributed: gloo on CPU, NCCL on CUDA, one GPU per rank). 1: the run
+    trains in this process. More: the service starts the run's ranks as child processes; rank 0 reads the samples
+    topic and writes checkpoints and announcements, and every micro-batch (`spec.schedule.batch_size` items) is
+    split over the ranks, so the run's arithmetic is the same for any world size."""
+    rank_restarts: int = Field(3, ge=0, le=1000)
+    """With world_size > 1: how often a run's ranks are restarted (all of them, from the newest checkpoint) after
+    one of them died, before the run fails."""
+    rank_timeout_s: float = Field(86_400.0, gt=0, le=30 * 86_400)
+    """With world_size > 1: the collectives' timeout. The other ranks wait in one while rank 0 waits for samples
+    or evaluates, so it is long; a dead rank is noticed by its exit (the launcher restarts the group), not by this."""
+
     run_memory_fraction: float = Field(0.8, gt=0, le=1)
     """A run whose estimated memory (student weights, gradients and Adam state in fp32, the teacher's weights when
     pruning, the batch's logits) exceeds this fraction of the machine's memory (or of the container's limit) is
