@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+from services.bench import cli as bench_cli
 from services.common.cli import broker_app, models_app
 from services.demo import cli as demo_cli
 from services.serving import cli as serving_cli
@@ -45,6 +46,7 @@ bench_app.command("teacher")(teacher_cli.bench)
 bench_app.command("trainer")(trainer_cli.bench)
 bench_app.command("serving")(serving_cli.bench)
 bench_app.command("swap")(serving_cli.bench_swap)
+bench_app.command("scale")(bench_cli.scale)
 
 
 def main() -> None:
