@@ -34,7 +34,7 @@ def test_cli_prints_json_and_exits_zero_when_nothing_fails(kafka_bootstrap: str)
 def test_noida_keeps_settled_records_and_commits_across_kill_9_and_loses_the_last_second() -> None:
     """What the README says of noida-db, measured: nothing lost 2 s after the acks, everything since its last save
     lost right after them (the check fails on that, as it must)."""
-    with started_broker("noida") as (bootstrap, restart):
+    with started_broker("noida") as (bootstrap, restart, _):
         [result] = Checker(bootstrap, restart).run(["restart-durability"])
     assert result.status == "fail"
     assert "kill -9 2 s later: lost 0 of 300 acknowledged records and 0 of 4 commits" in result.reason
