@@ -239,7 +239,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def stop(folder: Path, timeout_s: float = 3.0) -> StoreState | None:
+def stop(folder: Path, timeout_s: float = 1.0) -> StoreState | None:
     """SIGTERM, SIGKILL after `timeout_s`; by recorded PID only. SeaweedFS's filer waits 15 s for its streaming
     clients before it lets go; we do not wait that long: a SIGKILL loses nothing written (`distillery broker
     check` kills it with -9 right after the acknowledgements)."""
