@@ -48,7 +48,7 @@ class BrokerSettings(BaseSettings):
 
     engine: EngineName = "tansu-s3"
     """tansu-s3: tansu 0.6 storing in a local SeaweedFS S3 server under <home>/broker/data/s3 (records and commits
-    survive a kill -9 of either; acks=all costs ≈6 ms a send instead of ≈0.6 ms; ListOffsets "latest" is wrong,
+    survive a kill -9 of either; acks=all costs ≈5.5 ms a send instead of ≈0.7 ms; ListOffsets "latest" is wrong,
     fetch high watermarks are right; Debian's kcat cannot connect). tansu: tansu 0.6 with memory storage (a restart
     loses every topic, record and committed offset; same ListOffsets and kcat faults). noida: noida-db 0.2.3, state
     saved under <home>/broker/data within about a second (a kill -9 loses the last second), but a consumer killed
