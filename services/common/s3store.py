@@ -133,12 +133,9 @@ def _is_ours(state: StoreState) -> bool:
 
 
 def status(folder: Path) -> StoreState | None:
-    """The running S3 server recorded in `folder`, or None (a stale record is removed)."""
+    """The running S3 server recorded in `folder`, or None. A stale record stays: the next start reuses its ports."""
     state = _read_state(folder)
-    if state is not None and _is_ours(state):
-        return state
-    _state_file(folder).unlink(missing_ok=True)
-    return None
+    return state if state is not None and _is_ours(state) else None
 
 
 def _http_ok(url: str, method: str = "GET", data: bytes | None = None, also: tuple[int, ...] = ()) -> bool:
@@ -188,7 +185,7 @@ def _ports_free(ports: dict[str, int]) -> bool:
 
 def start(folder: Path, data_dir: Path, timeout_s: float, preexec_fn: Callable[[], None] | None) -> StoreState:
     """Starts `weed server` (or returns the one running for `folder`); its ports are the previous run's when free."""
-    previous = _read_state(folder)  # before status(), which removes a stale record
+    previous = _read_state(folder)
     running = status(folder)
     if running is not None:
         return running
@@ -198,6 +195,8 @@ def start(folder: Path, data_dir: Path, timeout_s: float, preexec_fn: Callable[[
     exe = str(binary())
     log = folder / "seaweedfs.log"
     ports = previous.ports if previous is not None and _ports_free(previous.ports) else {}
+    if previous is not None:
+        remove_sockets(previous.ports)  # what a killed predecessor left
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     for attempt in range(3):
         ports = ports or dict(zip(PORT_NAMES, _distinct_ports(len(PORT_NAMES)), strict=True))
@@ -245,6 +244,10 @@ def stop(folder: Path, timeout_s: float = 1.0) -> StoreState | None:
     check` kills it with -9 right after the acknowledgements)."""
     state = status(folder)
     if state is None:
+        stale = _read_state(folder)
+        if stale is not None:  # it was killed: clear what it left
+            remove_sockets(stale.ports)
+            _state_file(folder).unlink(missing_ok=True)
         return None
     os.kill(state.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
