@@ -209,10 +209,11 @@ def start(folder: Path, data_dir: Path, timeout_s: float, preexec_fn: Callable[[
         try:
             _wait_ready(proc, ports, timeout_s, log)
         except StoreError:
+            exited = proc.poll() is not None
             _kill(proc)
-            if attempt == 2:
+            if not exited or attempt == 2:  # only an exit (a port taken in between) is worth another try
                 raise
-            ports = {}  # a port was taken in between: choose others
+            ports = {}
             continue
         state = StoreState(pid=proc.pid, binary=exe, log=str(log), data_dir=str(store_dir), ports=ports,
                            started_at=time.time())  # fmt: skip
