@@ -2,8 +2,9 @@
 
 Produce/consume, the idempotent producer, consumer-group rebalances (also after a member is killed), committed
 offsets, ListOffsets, headers, Debian's kcat and — when the check started the broker itself — that a kill -9 and
-restart keep every acknowledged record and committed offset. Each check reports pass, fail or skip with a reason;
-nothing here is tied to one broker.
+restart (of the broker, and of its storage server where it has one) keep every acknowledged record and committed
+offset. `produce-timing` reports what acks=all costs. Each check reports pass, fail or skip with a reason; nothing
+here is tied to one broker.
 """
 
 from __future__ import annotations
@@ -51,11 +52,15 @@ def _require(condition: bool, reason: str) -> None:
 
 
 class Checker:
-    """The checks against one bootstrap; `restart` (kill -9 + start again, returns the bootstrap) enables durability."""
+    """The checks against one bootstrap; `restart` (kill -9 + start again, returns the bootstrap) enables durability,
+    `restart_store` (kill -9 of the broker and of the storage server behind it, start both) its second case."""
 
-    def __init__(self, bootstrap: str, restart: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self, bootstrap: str, restart: Callable[[], str] | None = None, restart_store: Callable[[], str] | None = None
+    ) -> None:
         self.bootstrap = bootstrap
         self.restart = restart
+        self.restart_store = restart_store
         self.run_id = uuid.uuid4().hex[:8]
 
     # helpers ---------------------------------------------------------------------------------------------------
@@ -297,10 +302,13 @@ class Checker:
             f"{t_leave:.1f}s (session timeout {SESSION_TIMEOUT_MS} ms)"
         )
 
-    def _kill_and_count(self, name: str, settle_s: float) -> tuple[int, int, int, int]:
+    def _kill_and_count(
+        self, name: str, settle_s: float, restart: Callable[[], str] | None = None
+    ) -> tuple[int, int, int, int]:
         """Produces and commits, waits `settle_s`, kill -9 + restart; returns (records lost, acked, commits lost,
         committed). A lost topic counts all its records as lost."""
-        assert self.restart is not None
+        restart = restart or self.restart
+        assert restart is not None
         topic = self.topic(name)
         acked = self.produce(topic, 300)
         group = f"check-{self.run_id}-{name}"
@@ -308,7 +316,7 @@ class Checker:
         commits = {tp: 1 + tp.partition for tp in tps}
         self._commit(group, commits)
         time.sleep(settle_s)
-        self.bootstrap = self.restart()
+        self.bootstrap = restart()
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
         try:
             exists = topic in set(admin.list_topics())
@@ -366,15 +374,48 @@ class Checker:
             raise _Skip("the check did not start this broker, so it cannot kill and restart it")
         # First right after the last acknowledgement and commit (what "durable" means), then after 2 s of quiet
         # (what a broker that saves in the background keeps).
-        now = self._kill_and_count("durable-now", 0.0)
-        later = self._kill_and_count("durable-later", 2.0)
+        cases = [("kill -9 right after the acks", self._kill_and_count("durable-now", 0.0)),
+                 ("kill -9 2 s later", self._kill_and_count("durable-later", 2.0))]  # fmt: skip
+        if self.restart_store is not None:
+            figures = self._kill_and_count("durable-store", 0.0, self.restart_store)
+            cases.append(("kill -9 of the broker and its storage server right after the acks", figures))
 
         def say(figures: tuple[int, int, int, int]) -> str:
             return f"lost {figures[0]} of {figures[1]} acknowledged records and {figures[2]} of {figures[3]} commits"
 
-        reason = f"kill -9 right after the acks: {say(now)}; kill -9 2 s later: {say(later)}"
-        _require(now[0] == 0 and now[2] == 0 and later[0] == 0 and later[2] == 0, reason)
+        reason = "; ".join(f"{what}: {say(figures)}" for what, figures in cases)
+        _require(all(figures[0] == 0 and figures[2] == 0 for _, figures in cases), reason)
         return reason
+
+    def check_produce_timing(self) -> str:
+        """What acks=all costs on this broker: 1,000 small records from an idempotent producer, each send waited for
+        (latency), then 1,000 of 1 KiB sent at once (throughput: batches of up to 16 KiB, kafka-python's default). A
+        figure, not a verdict: it fails only on errors."""
+        topic = self.topic("timing", partitions=1)
+        n = 1_000
+        producer = self.producer(enable_idempotence=True)
+        try:
+            producer.send(topic, value=b"warm-up").get(timeout=30)
+            latencies = []
+            for i in range(n):
+                start = time.perf_counter()
+                producer.send(topic, value=f"one-{i}".encode()).get(timeout=30)
+                latencies.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            kib = bytes(1024)
+            futures = [producer.send(topic, value=kib) for _ in range(n)]
+            producer.flush()
+            [f.get(timeout=30) for f in futures]
+            bulk_s = time.perf_counter() - start
+        finally:
+            producer.close()
+        latencies.sort()
+        ms = [1000 * latencies[int(q * (n - 1))] for q in (0.5, 0.99)]
+        return (
+            f"{n} records one at a time: {sum(latencies):.1f}s, median {ms[0]:.1f} ms, p99 {ms[1]:.1f} ms per "
+            f"acknowledged send; {n} of 1 KiB at once: {bulk_s:.2f}s ({n / bulk_s:,.0f} records/s); "
+            "acks=all, idempotent"
+        )
 
     def check_kcat(self) -> str:
         kcat = shutil.which("kcat") or shutil.which("kafkacat")
@@ -412,6 +453,7 @@ class Checker:
             ("group-rebalance", self.check_rebalance),
             ("dead-member", self.check_dead_member),
             ("kcat", self.check_kcat),
+            ("produce-timing", self.check_produce_timing),
             ("restart-durability", self.check_restart_durability),  # last: it kills the broker
         ]
         results = []
@@ -434,24 +476,34 @@ class _Skip(Exception):
 
 
 @contextlib.contextmanager
-def started_broker(engine: str) -> Iterator[tuple[str, Callable[[], str]]]:
-    """An embedded broker of `engine` in a fresh temporary home; yields its bootstrap and a kill -9 + restart."""
-    from services.common import broker
+def started_broker(engine: str) -> Iterator[tuple[str, Callable[[], str], Callable[[], str] | None]]:
+    """An embedded broker of `engine` in a fresh temporary home; yields its bootstrap, a kill -9 + restart of the
+    broker, and (for tansu-s3; else None) a kill -9 of the broker and its S3 server + restart of both."""
+    from services.common import broker, s3store
 
     with tempfile.TemporaryDirectory(prefix="distillery-broker-check-") as tmp:
         home = Path(tmp)
         state = broker.start(home, engine=engine, die_with_caller=True)
 
+        def kill9(pid: int) -> None:
+            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
         def restart() -> str:
             current = broker.status(home)
             if current is not None:
-                os.kill(current.pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(current.pid, 0)
+                kill9(current.pid)
             return broker.start(home, port=state.port, engine=engine, die_with_caller=True).bootstrap
 
+        def restart_store() -> str:
+            store = s3store.status(broker.state_dir(home))
+            if store is not None:
+                kill9(store.pid)
+            return restart()
+
         try:
-            yield state.bootstrap, restart
+            yield state.bootstrap, restart, restart_store if engine == "tansu-s3" else None
         finally:
             broker.stop(home)
 

@@ -14,7 +14,8 @@ from services.common.settings import distillery_home
 
 console = Console(stderr=True)
 broker_app = typer.Typer(
-    help="The embedded Kafka-protocol broker (noida-db or tansu) for local runs and tests.", no_args_is_help=True
+    help="The embedded Kafka-protocol broker (tansu on a local S3 server or in memory, or noida-db) for local runs.",
+    no_args_is_help=True,
 )
 models_app = typer.Typer(help="Base models: prepare the packaged default teacher.", no_args_is_help=True)
 
@@ -55,7 +56,8 @@ def broker_check(
         str | None, typer.Option(help="Check this broker (HOST:PORT) instead of starting an embedded one.")
     ] = None,
     engine: Annotated[
-        str | None, typer.Option(help="Embedded engine to start and check: noida or tansu (default: the setting).")
+        str | None,
+        typer.Option(help="Embedded engine to start and check: tansu-s3, tansu or noida (default: the setting)."),
     ] = None,
     only: Annotated[list[str] | None, typer.Option(help="Run only these checks (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
@@ -71,8 +73,8 @@ def broker_check(
         target, results = bootstrap, Checker(bootstrap).run(only)
     else:
         name = engine or embedded_broker.BrokerSettings().engine
-        with started_broker(name) as (address, restart):
-            target, results = f"embedded {name}", Checker(address, restart).run(only)
+        with started_broker(name) as (address, restart, restart_store):
+            target, results = f"embedded {name}", Checker(address, restart, restart_store).run(only)
     if as_json:
         print(json.dumps({"broker": target, "results": result_dicts(results)}, indent=2))
     else:

@@ -1,4 +1,4 @@
-"""`distillery broker start|status|stop` manage one tansu process by its recorded PID."""
+"""`distillery broker start|status|stop` manage the broker (and tansu-s3's S3 server) by recorded PIDs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.common.broker import status
+from services.common import s3store
+from services.common.broker import state_dir, status
 from services.common.kafka import ensure_topics
 from services.common.settings import KafkaSettings
 
@@ -25,6 +26,7 @@ def test_start_status_stop(tmp_path: Path) -> None:
     started = _cli("broker", "start", home=tmp_path)
     assert started.returncode == 0, started.stderr
     info = json.loads(started.stdout.strip().splitlines()[-1])
+    store = s3store.status(state_dir(tmp_path))  # tansu-s3 (the default engine): its S3 server
     try:
         again = _cli("broker", "start", home=tmp_path)  # idempotent: same broker
         assert json.loads(again.stdout.strip().splitlines()[-1]) == info
@@ -40,6 +42,9 @@ def test_start_status_stop(tmp_path: Path) -> None:
     assert status(tmp_path) is None
     assert not Path(f"/proc/{info['pid']}/cmdline").exists() or not Path(f"/proc/{info['pid']}/cmdline").read_bytes()
     assert _cli("broker", "status", home=tmp_path).returncode == 1
+    if store is not None:
+        assert s3store.status(state_dir(tmp_path)) is None
+        assert not Path(f"/proc/{store.pid}/cmdline").exists() or not Path(f"/proc/{store.pid}/cmdline").read_bytes()
 
 
 def test_no_bootstrap_and_no_broker_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.leftovers import family, kill_all, wait_gone
 
@@ -64,16 +65,20 @@ def test_parent_watchdog_ends_a_child_whose_parent_was_killed(tmp_path: Path) ->
     assert _kill_parent_and_count(parent, child) == []
 
 
-def test_an_embedded_broker_dies_with_its_caller(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["tansu-s3", "tansu"])
+def test_an_embedded_broker_dies_with_its_caller(tmp_path: Path, engine: str) -> None:
     code = (
         "import time\n"
         "from services.common import broker\n"
-        "state = broker.start(die_with_caller=True)\n"
+        f"state = broker.start(die_with_caller=True, engine={engine!r})\n"
         "print(state.pid, flush=True)\n"
         "time.sleep(120)\n"
     )
     parent, broker_pid = _parent(code, tmp_path)
     assert psutil.Process(broker_pid).is_running()
+    # tansu-s3: its S3 server (weed) is in the family counted too.
+    names = sorted(p.name() for p in family(parent.pid)[1:])
+    assert names == (["tansu", "weed"] if engine == "tansu-s3" else ["tansu"])
     assert _kill_parent_and_count(parent, broker_pid) == []
     # ...while `distillery broker start` leaves its broker running on purpose (tests/common/test_broker_cli.py).
 
