@@ -33,3 +33,16 @@ def cpu_flags() -> frozenset[str]:
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (else bf16 is emulated and several times slower than float32)."""
     return bool(cpu_flags() & NATIVE_BF16_FLAGS)
+
+
+def enable_amx() -> bool:
+    """Asks Linux for this process's permission to use AMX tiles (arch_prctl ARCH_REQ_XCOMP_PERM), where the CPU has
+    them; True when granted. Without it the first AMX instruction is SIGILL: vLLM's CPU attention kernel on AMX
+    machines uses tiles but never asks (oneDNN asks only for its own matmuls, so whether a process had permission
+    depended on what ran first in it). Idempotent, and a no-op elsewhere."""
+    if "amx_tile" not in cpu_flags():
+        return False
+    import torch
+
+    init = getattr(torch._C._cpu, "_init_amx", None)
+    return bool(init()) if init is not None else False

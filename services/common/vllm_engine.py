@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from services.common.cpu import native_bf16
+from services.common.cpu import enable_amx, native_bf16
 from services.common.settings import cpu_list
 
 # OMP_NUM_THREADS as this process inherited it (a CPU limit, as the Kubernetes manifests set it), read before
@@ -114,6 +114,7 @@ def engine_dtype(setting: str) -> str:
 def engine_kwargs(model_dir: Path, settings: VllmSettings, **overrides: Any) -> dict[str, Any]:
     """Engine keyword arguments for a local safetensors folder: offline, no remote code (`vllm.LLM(**kwargs)`)."""
     configure_env(settings)
+    enable_amx()  # an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) runs its kernels in this process
     kwargs: dict[str, Any] = dict(
         model=str(model_dir),
         tokenizer=str(model_dir),
@@ -181,6 +182,7 @@ def _run_engine_core_with_lifeline(*args: Any, **kwargs: Any) -> Any:
 
     # The service's PID from before the fork/spawn: it may already be dead by now.
     exit_when_parent_dies(parent=int(os.environ.get(ENGINE_PARENT_ENV, os.getppid())))
+    enable_amx()
     original = _ORIGINAL_RUN_ENGINE_CORE or EngineCoreProc.run_engine_core
     return original(*args, **kwargs)
 

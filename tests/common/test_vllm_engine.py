@@ -82,3 +82,29 @@ def test_auto_dtype_is_float32_where_the_cpu_emulates_bf16(monkeypatch: pytest.M
     assert engine_dtype("float16") == "float16"
     assert VllmSettings().dtype == "auto"
     assert engine_kwargs(Path("/m"), VllmSettings(dtype="float32"))["dtype"] == "float32"
+
+
+def test_amx_permission_is_asked_only_where_the_cpu_has_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's AMX attention kernel was SIGILL (exit -4) in a process that had not asked Linux for AMX tiles:
+    engine_kwargs (in-process engines) and every engine-core process now ask first."""
+    import subprocess
+    import sys
+
+    from services.common import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert cpu.enable_amx() is False
+    monkeypatch.undo()
+    script = (
+        "import ctypes, sys\n"
+        "from services.common.cpu import cpu_flags, enable_amx\n"
+        "granted = enable_amx()\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "perm = ctypes.c_ulong(0)\n"
+        "libc.syscall(158, 0x1022, ctypes.byref(perm))  # arch_prctl(ARCH_GET_XCOMP_PERM)\n"
+        "print(int('amx_tile' in cpu_flags()), int(granted), int(bool(perm.value & (1 << 18))))\n"
+    )
+    has_tiles, granted, permitted = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert granted == has_tiles and permitted == has_tiles  # tiles (XTILEDATA, bit 18) permitted exactly where present
