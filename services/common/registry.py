@@ -333,6 +333,20 @@ class Registry:
                 raise NotInRegistry("run_id", run_id)
         return path
 
+    def find_requested(self, request: Any) -> Path:
+        """`find` for a gRPC request that names a checkpoint (`version`, `run_id`, `checkpoint_id`, `registry_uri`).
+        What is not a checkpoint of this registry is NOT_FOUND; a malformed request stays a CheckpointError, a
+        ValueError whose message names its field ("registry_uri=…: …"), which services answer as INVALID_ARGUMENT."""
+        from services.common.errors import NotFound
+
+        try:
+            return self.find(
+                version=request.version, run_id=request.run_id, checkpoint_id=request.checkpoint_id,
+                uri=request.registry_uri,
+            )  # fmt: skip
+        except NotInRegistry as exc:
+            raise NotFound(str(exc)) from exc
+
     def latest(self, run_id: str | None = None) -> Checkpoint | None:
         found = self.checkpoints(run_id)
         return found[-1] if found else None

@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common import pb
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, grpc_method
-from services.common.registry import CheckpointError, NotInRegistry, Registry
+from services.common.registry import Registry
 from services.serving.engine import Sampling
 from services.serving.model import ModelInfo
 from services.serving.settings import LimitSettings
@@ -167,15 +167,7 @@ class ServingServicer(pb.serving_grpc.ServingServiceServicer):
     async def LoadModel(
         self, request: pb.serving.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.serving.LoadModelResponse:
-        try:
-            path = self.registry.find(
-                version=request.version, run_id=request.run_id, checkpoint_id=request.checkpoint_id,
-                uri=request.registry_uri,
-            )  # fmt: skip
-        except NotInRegistry as exc:
-            raise NotFound(str(exc)) from exc
-        except CheckpointError as exc:
-            raise InvalidArgument("registry_uri", request.registry_uri, str(exc).split(": ", 1)[-1]) from exc
+        path = self.registry.find_requested(request)
         # Hashing every file takes a while: off the event loop.
         model = await asyncio.to_thread(load_checkpoint, self.registry, path.name)
         result = await self.swapper.swap_to(model, allow_older=request.allow_older)

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from services.common import pb
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, grpc_method
+from services.common.errors import FailedPrecondition, grpc_method
 from services.common.kafka import ProtoProducer
-from services.common.registry import Checkpoint, CheckpointError, NotInRegistry, Registry, verify
+from services.common.registry import Checkpoint, CheckpointError, Registry, verify
 from services.common.text import clip
 from services.trainer import metrics
 from services.trainer.checkpoint import checkpoint_event, checkpoint_proto
@@ -70,15 +70,7 @@ class TrainerServicer(pb.trainer_grpc.TrainerServiceServicer):  # type: ignore[m
 
     def _promote(self, request: pb.trainer.PromoteCheckpointRequest) -> Checkpoint:
         """Promotes a checkpoint this trainer wrote: it must be in its registry and belong to one of its runs."""
-        try:
-            path = self.registry.find(
-                version=request.version, run_id=request.run_id, checkpoint_id=request.checkpoint_id,
-                uri=request.registry_uri,
-            )  # fmt: skip
-        except NotInRegistry as exc:
-            raise NotFound(str(exc)) from exc
-        except CheckpointError as exc:
-            raise InvalidArgument("version", request.version, str(exc).split(": ", 1)[-1]) from exc
+        path = self.registry.find_requested(request)
         try:
             ckpt = verify(path)
         except CheckpointError as exc:

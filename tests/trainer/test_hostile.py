@@ -63,6 +63,7 @@ async def test_promote_names_only_checkpoints_this_trainer_wrote(app: TrainerApp
         stub.PromoteCheckpoint(pb.trainer.PromoteCheckpointRequest(registry_uri="file://host/etc"))
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "host" in details
+    assert details.startswith("registry_uri='file://host/etc':"), details  # the field it came in (was "version=0")
     for request in (
         pb.trainer.PromoteCheckpointRequest(version=foreign.version),
         pb.trainer.PromoteCheckpointRequest(checkpoint_id=foreign.path.name),
