@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,30 +30,22 @@ def scale(
     """1 vs 2 teacher workers (kill -9 of one: takeover, prompts lost), serving replicas (round robin, failed
     requests) and trainer ranks (gloo: losses equal, all-reduce overhead), side by side in one run."""
     from services.bench.scale import PARTS, run_scale
+    from services.common.process import stdout_to_stderr
 
     chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
     unknown = [p for p in chosen if p not in PARTS]
     if not chosen or unknown:
         raise typer.BadParameter(f"choose from {', '.join(PARTS)}; got {parts!r}", param_hint="--parts")
-    # vLLM logs to stdout: point fd 1 at stderr while the bench runs, so stdout carries only the JSON result.
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with tempfile.TemporaryDirectory(prefix="distillery-scale-") as tmp:
-            result = run_scale(
-                chosen,
-                workdir=workdir or Path(tmp),
-                teacher_prompts=prompts,
-                max_tokens=max_tokens,
-                serving_duration_s=serving_s,
-                trainer_steps=trainer_steps,
-                progress=lambda line: console.print(line),
-            )
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+    with stdout_to_stderr(), tempfile.TemporaryDirectory(prefix="distillery-scale-") as tmp:
+        result = run_scale(
+            chosen,
+            workdir=workdir or Path(tmp),
+            teacher_prompts=prompts,
+            max_tokens=max_tokens,
+            serving_duration_s=serving_s,
+            trainer_steps=trainer_steps,
+            progress=lambda line: console.print(line),
+        )
     if json_output:
         print(json.dumps(result))
     else:

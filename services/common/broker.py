@@ -30,7 +30,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common import s3store
-from services.common.process import die_with_parent, free_port
+from services.common.process import die_with_parent, free_port, terminate_recorded
 from services.common.settings import distillery_home
 
 EngineName = Literal["noida", "tansu", "tansu-s3"]
@@ -255,14 +255,8 @@ def stop(home: Path | None = None, timeout_s: float = 10.0) -> BrokerState | Non
     (also when the broker itself was already gone); returns the broker that was stopped."""
     state = status(home)
     if state is not None:
-        os.kill(state.pid, signal.SIGTERM)  # noida-db saves its state on SIGTERM
-        deadline = time.monotonic() + timeout_s
-        while _is_ours(state) and time.monotonic() < deadline:
-            time.sleep(0.05)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(state.pid, os.WNOHANG)
-        if _is_ours(state):
-            os.kill(state.pid, signal.SIGKILL)
+        # SIGTERM first: noida-db saves its state on SIGTERM.
+        terminate_recorded(state.pid, lambda: _is_ours(state), timeout_s)
         (state_dir(home) / "broker.json").unlink(missing_ok=True)
     s3store.stop(state_dir(home))
     return state

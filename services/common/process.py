@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +126,36 @@ def install_sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _raise)
+
+
+def terminate_recorded(pid: int, alive: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Stops a process this project started and recorded by PID: SIGTERM, up to `timeout_s` for it to end, then
+    SIGKILL; reaps it when it is our child. `alive` says whether the PID still runs our program (PIDs get reused)."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    if alive():
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Points file descriptor 1 at stderr while the block runs (vLLM and its engine processes log to stdout), so a
+    command's stdout carries only the result it prints afterwards (`--json`)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def tail(path: Path, lines: int = 25) -> str:

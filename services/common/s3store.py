@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from services.common.process import free_port
+from services.common.process import free_port, terminate_recorded
 
 #: The bucket tansu's `s3://tansu/` engine uses.
 BUCKET = "tansu"
@@ -250,16 +249,7 @@ def stop(folder: Path, timeout_s: float = 1.0) -> StoreState | None:
             remove_sockets(stale.ports)
             _state_file(folder).unlink(missing_ok=True)
         return None
-    os.kill(state.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while _is_ours(state) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(state.pid, os.WNOHANG)
-    if _is_ours(state):
-        os.kill(state.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(state.pid, 0)
+    terminate_recorded(state.pid, lambda: _is_ours(state), timeout_s)
     _state_file(folder).unlink(missing_ok=True)
     remove_sockets(state.ports)
     return state

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from typing import Annotated, Any
 
@@ -177,22 +176,14 @@ def bench(
     ] = False,
 ) -> None:
     """`distillery bench trainer`: teacher vs trainer tokens/s in one run, and this trainer vs TRL's GKDTrainer."""
+    from services.common.process import stdout_to_stderr
     from services.trainer.bench import BenchConfig, run_bench
 
     config = BenchConfig(
         prompts=prompts, max_tokens=max_tokens, steps=steps, batch_size=batch_size, trl=trl, compile=compile_student
     )
-    # vLLM (and its engine process) log to stdout: point fd 1 at stderr while the bench runs, so stdout carries
-    # only the JSON result.
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
+    with stdout_to_stderr():
         result = run_bench(config, log=lambda line: console.print(line))
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
     if json_output:
         print(json.dumps(result))
     else:
