@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -21,7 +20,16 @@ from tests.leftovers import family, kill_all, wait_gone
 from tests.teacher.conftest import read_topic
 from tests.trainer.conftest import tiny_spec
 from tests.trainer.samples import publish
-from tests.trainer.test_resume_process import _env, _free_port, _kill, _lineage, _serve, _wait
+from tests.trainer.test_resume_process import (
+    _assert_resumed_exactly,
+    _env,
+    _free_port,
+    _kill,
+    _lineage,
+    _serve,
+    _trained_all,
+    _wait,
+)
 
 
 @pytest.mark.e2e
@@ -78,13 +86,7 @@ def test_sigkill_of_a_rank_restarts_the_ranks_and_the_run_resumes_exactly(
 
         def done() -> bool:
             assert '"msg": "run failed"' not in log.read_text(), log.read_text()[-3000:]
-            lines = _lineage(lineage)
-            after = [line for line in lines if line["pid"] != first_pid]
-            if not after:
-                return False
-            resumed_from = after[0]["step"] - 1
-            kept = [line for line in lines if line["pid"] == first_pid and line["step"] <= resumed_from]
-            return sum(len(line["items"]) for line in kept + after) >= expected_items
+            return _trained_all(lineage, first_pid, expected_items)
 
         _wait(done, trainer, log, 300, "the restarted ranks to train every sample")
         second = ranks()
@@ -105,17 +107,8 @@ def test_sigkill_of_a_rank_restarts_the_ranks_and_the_run_resumes_exactly(
 
     lines = _lineage(lineage)
     assert {line["pid"] for line in lines} == {first["pids"][0], second["pids"][0]}  # only rank 0s trained lineage
-    after = [line for line in lines if line["pid"] != first_pid]
-    resumed_from = after[0]["step"] - 1
     ckpts = registry.checkpoints("ranks")
-    resumed = next(c for c in ckpts if c.manifest.step == resumed_from)
-    assert resumed.manifest.kafka_offsets[kafka.topic_teacher_samples]
-    kept = [line for line in lines if line["pid"] == first_pid and line["step"] <= resumed_from]
-    assert any(line["step"] > resumed_from for line in lines if line["pid"] == first_pid)  # lost work, redone
-    trained = Counter((p, o, kind) for line in kept + after for p, o, kind, _ in line["items"])
-    assert all(n == 1 for n in trained.values()), [k for k, n in trained.items() if n > 1]  # none twice
-    assert len(trained) == expected_items  # none skipped
-    assert Counter(kind for _, _, kind in trained) == {"sample": len(train), "reference": len(train)}
+    _assert_resumed_exactly(lines, first_pid, ckpts, kafka.topic_teacher_samples, train, expected_items)
     # One checkpoint per checkpointed step and one announcement per checkpoint: no rank but rank 0 wrote any.
     steps = [c.manifest.step for c in ckpts]
     assert len(steps) == len(set(steps)), steps

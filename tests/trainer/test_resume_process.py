@@ -85,6 +85,35 @@ def _wait(predicate, proc: subprocess.Popen[bytes], log: Path, timeout_s: float,
         time.sleep(0.05)
 
 
+def _trained_all(lineage: Path, first_pid: int, expected_items: int) -> bool:
+    """Whether the processes after `first_pid` trained, with what it trained up to their resumed-from step, every
+    item."""
+    lines = _lineage(lineage)
+    after = [line for line in lines if line["pid"] != first_pid]
+    if not after:
+        return False
+    resumed_from = after[0]["step"] - 1
+    kept = [line for line in lines if line["pid"] == first_pid and line["step"] <= resumed_from]
+    return sum(len(line["items"]) for line in kept + after) >= expected_items
+
+
+def _assert_resumed_exactly(
+    lines: list[dict], first_pid: int, checkpoints: list, topic: str, train: list, expected_items: int
+) -> None:
+    """The run resumed from a checkpoint with Kafka offsets, redid the work `first_pid` lost, and trained every item
+    exactly once: none twice, none skipped."""
+    after = [line for line in lines if line["pid"] != first_pid]
+    resumed_from = after[0]["step"] - 1
+    resumed = next(c for c in checkpoints if c.manifest.step == resumed_from)
+    assert resumed.manifest.kafka_offsets[topic]  # offsets the restart read from
+    kept = [line for line in lines if line["pid"] == first_pid and line["step"] <= resumed_from]
+    assert any(line["step"] > resumed_from for line in lines if line["pid"] == first_pid)  # lost work, redone
+    trained = Counter((p, o, kind) for line in kept + after for p, o, kind, _ in line["items"])
+    assert all(n == 1 for n in trained.values()), [k for k, n in trained.items() if n > 1]  # none twice
+    assert len(trained) == expected_items  # none skipped
+    assert Counter(kind for _, _, kind in trained) == {"sample": len(train), "reference": len(train)}
+
+
 @pytest.mark.e2e
 def test_sigkill_then_restart_resumes_from_the_manifest_offsets_with_no_gap(
     tiny_teacher: Path, tiny_samples: list, tmp_path: Path, kafka_settings: KafkaSettings
@@ -128,17 +157,8 @@ def test_sigkill_then_restart_resumes_from_the_manifest_offsets_with_no_gap(
 
     second = _serve(env, log)
     try:
-
-        def done() -> bool:
-            lines = _lineage(lineage)
-            after = [line for line in lines if line["pid"] != first_pid]
-            if not after:
-                return False
-            resumed_from = after[0]["step"] - 1
-            kept = [line for line in lines if line["pid"] == first_pid and line["step"] <= resumed_from]
-            return sum(len(line["items"]) for line in kept + after) >= expected_items
-
-        _wait(done, second, log, 240, "the resumed run to train every sample")
+        _wait(lambda: _trained_all(lineage, first_pid, expected_items), second, log, 240,
+              "the resumed run to train every sample")  # fmt: skip
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb.trainer_grpc.TrainerServiceStub(channel)
             run = stub.GetRun(pb.trainer.GetRunRequest(run_id="killme"), timeout=30).run
@@ -149,17 +169,9 @@ def test_sigkill_then_restart_resumes_from_the_manifest_offsets_with_no_gap(
         if second.poll() is None:
             _kill(second)
 
-    lines = _lineage(lineage)
-    after = [line for line in lines if line["pid"] != first_pid]
-    resumed_from = after[0]["step"] - 1
-    resumed = next(c for c in registry.checkpoints("killme") if c.manifest.step == resumed_from)
-    assert resumed.manifest.kafka_offsets[kafka.topic_teacher_samples]  # offsets the restart read from
-    kept = [line for line in lines if line["pid"] == first_pid and line["step"] <= resumed_from]
-    assert any(line["step"] > resumed_from for line in lines if line["pid"] == first_pid)  # lost work, redone
-    trained = Counter((p, o, kind) for line in kept + after for p, o, kind, _ in line["items"])
-    assert all(n == 1 for n in trained.values()), [k for k, n in trained.items() if n > 1]  # none twice
-    assert len(trained) == expected_items  # none skipped
-    assert Counter(kind for _, _, kind in trained) == {"sample": len(train), "reference": len(train)}
+    _assert_resumed_exactly(
+        _lineage(lineage), first_pid, registry.checkpoints("killme"), kafka.topic_teacher_samples, train, expected_items
+    )
     # The graceful stop left the run RUNNING on disk, to be resumed by the next start.
     state = json.loads((tmp_path / "home" / "trainer" / "runs" / "killme.json").read_text())
     assert state["state"] == "RUN_STATE_RUNNING"
