@@ -1,11 +1,16 @@
-"""Fixtures for the trainer tests: a tiny teacher with grouped-query attention, built once per session."""
+"""Fixtures for the trainer tests: a tiny teacher with grouped-query attention (built once per session), and an
+in-process trainer service with its stub."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+
+from services.common import pb
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +70,27 @@ def trainer_settings(teacher: Path, home: Path, kafka: Any, **kw: Any) -> Any:
         home=home, kafka=kafka, teacher_model=str(teacher), grpc_port=0, metrics_port=0, batch_wait_s=0.3,
         torch_threads=2, **kw,
     )  # fmt: skip
+
+
+@pytest.fixture
+async def app(tiny_teacher: Path, tmp_path: Path, kafka_settings: Any) -> AsyncIterator[Any]:
+    """A trainer service in this process on the test's broker (port 0), started and closed around the test."""
+    from services.trainer.main import TrainerApp
+
+    app = await TrainerApp.create(trainer_settings(tiny_teacher, tmp_path / "home", kafka_settings))
+    await app.start()
+    yield app
+    await app.close()
+
+
+@pytest.fixture
+async def stub(app: Any) -> AsyncIterator[Any]:
+    async with grpc.aio.insecure_channel(app.server.address) as channel:
+        yield pb.trainer_grpc.TrainerServiceStub(channel)
+
+
+async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
+    """The status code and details of a call that must fail."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code(), info.value.details() or ""

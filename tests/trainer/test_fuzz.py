@@ -3,17 +3,12 @@ broker). A spec that happens to be valid starts a real run; the app stops it at 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import grpc
 import pytest
 
 from services.common import pb
-from services.common.settings import KafkaSettings
 from services.trainer.main import TrainerApp
 from tests.fuzz import Rpc, fuzz
-from tests.trainer.conftest import trainer_settings
 
 SERVICE = "/distillery.trainer.v1.TrainerService/"
 RPCS = [
@@ -24,14 +19,6 @@ RPCS = [
     Rpc(SERVICE + "ListCheckpoints", pb.trainer.ListCheckpointsRequest),
     Rpc(SERVICE + "PromoteCheckpoint", pb.trainer.PromoteCheckpointRequest),
 ]
-
-
-@pytest.fixture
-async def app(tiny_teacher: Path, tmp_path: Path, kafka_settings: KafkaSettings) -> AsyncIterator[TrainerApp]:
-    app = await TrainerApp.create(trainer_settings(tiny_teacher, tmp_path / "home", kafka_settings))
-    await app.start()
-    yield app
-    await app.close()
 
 
 async def _fuzz(app: TrainerApp, examples: int) -> None:

@@ -17,7 +17,7 @@ from services.common import pb
 from services.common.kafka import ProtoConsumer
 from services.common.settings import KafkaSettings
 from services.trainer.main import TrainerApp
-from tests.trainer.conftest import tiny_spec, trainer_settings
+from tests.trainer.conftest import status_of, tiny_spec, trainer_settings
 from tests.trainer.samples import publish, publish_raw
 
 
@@ -28,18 +28,6 @@ async def app(tiny_teacher: Path, tmp_path: Path, kafka_settings: KafkaSettings)
     await app.start()
     yield app
     await app.close()
-
-
-@pytest.fixture
-async def stub(app: TrainerApp) -> AsyncIterator[Any]:
-    async with grpc.aio.insecure_channel(app.server.address) as channel:
-        yield pb.trainer_grpc.TrainerServiceStub(channel)
-
-
-async def _code(call: Any) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    return info.value.code(), info.value.details() or ""
 
 
 async def _wait_state(stub: Any, run_id: str, states: tuple[int, ...], timeout_s: float = 240) -> pb.trainer.RunInfo:
@@ -71,13 +59,13 @@ def _splits(kafka: KafkaSettings, n: int) -> dict[tuple[int, int], int]:
 
 
 async def test_status_codes(stub: Any, app: TrainerApp) -> None:
-    code, details = await _code(stub.GetRun(pb.trainer.GetRunRequest(run_id="nope")))
+    code, details = await status_of(stub.GetRun(pb.trainer.GetRunRequest(run_id="nope")))
     assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
-    code, _ = await _code(stub.StopRun(pb.trainer.StopRunRequest(run_id="nope")))
+    code, _ = await status_of(stub.StopRun(pb.trainer.StopRunRequest(run_id="nope")))
     assert code == grpc.StatusCode.NOT_FOUND
-    code, _ = await _code(stub.WatchRun(pb.trainer.WatchRunRequest(run_id="nope")).read())
+    code, _ = await status_of(stub.WatchRun(pb.trainer.WatchRunRequest(run_id="nope")).read())
     assert code == grpc.StatusCode.NOT_FOUND
-    code, _ = await _code(stub.PromoteCheckpoint(pb.trainer.PromoteCheckpointRequest(version=999)))
+    code, _ = await status_of(stub.PromoteCheckpoint(pb.trainer.PromoteCheckpointRequest(version=999)))
     assert code == grpc.StatusCode.NOT_FOUND
 
     def nan_lr(spec: Any) -> None:
@@ -102,15 +90,15 @@ async def test_status_codes(stub: Any, app: TrainerApp) -> None:
     for change, where in invalid:
         bad = tiny_spec()
         change(bad)
-        code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=bad)))
+        code, details = await status_of(stub.StartRun(pb.trainer.StartRunRequest(spec=bad)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and where in details, details
 
     # No samples on the topic: the first run waits for data, so the trainer is busy.
     first = (await stub.StartRun(pb.trainer.StartRunRequest(spec=tiny_spec("busy-1", max_steps=0)))).run
     assert first.progress.state in (pb.trainer.RUN_STATE_QUEUED, pb.trainer.RUN_STATE_RUNNING)
-    code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=tiny_spec("busy-2"))))
+    code, details = await status_of(stub.StartRun(pb.trainer.StartRunRequest(spec=tiny_spec("busy-2"))))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "busy-1" in details
-    code, _ = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=tiny_spec("busy-1"))))
+    code, _ = await status_of(stub.StartRun(pb.trainer.StartRunRequest(spec=tiny_spec("busy-1"))))
     assert code == grpc.StatusCode.ALREADY_EXISTS
     queued_spec = tiny_spec("busy-3")
     queued_spec.queue = True

@@ -5,40 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 import torch
 from safetensors.torch import save_file
 
 from services.common import pb
 from services.common.registry import NOT_OURS, Checkpoint, Registry
-from services.common.settings import KafkaSettings
 from services.trainer.main import TrainerApp
-from tests.trainer.conftest import tiny_spec, trainer_settings
-
-
-@pytest.fixture
-async def app(tiny_teacher: Path, tmp_path: Path, kafka_settings: KafkaSettings) -> AsyncIterator[TrainerApp]:
-    app = await TrainerApp.create(trainer_settings(tiny_teacher, tmp_path / "home", kafka_settings))
-    await app.start()
-    yield app
-    await app.close()
-
-
-@pytest.fixture
-async def stub(app: TrainerApp) -> AsyncIterator[Any]:
-    async with grpc.aio.insecure_channel(app.server.address) as channel:
-        yield pb.trainer_grpc.TrainerServiceStub(channel)
-
-
-async def _code(call: Any) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    return info.value.code(), info.value.details() or ""
+from tests.trainer.conftest import status_of, tiny_spec
 
 
 def _write(registry: Registry, run_id: str) -> Checkpoint:
@@ -56,10 +33,10 @@ async def test_promote_names_only_checkpoints_this_trainer_wrote(app: TrainerApp
     (tmp_path / "empty").mkdir()
     answers = set()
     for ref in (str(outside), outside.as_uri(), str(tmp_path / "empty"), str(tmp_path / "missing"), "/etc"):
-        code, details = await _code(stub.PromoteCheckpoint(pb.trainer.PromoteCheckpointRequest(registry_uri=ref)))
+        code, details = await status_of(stub.PromoteCheckpoint(pb.trainer.PromoteCheckpointRequest(registry_uri=ref)))
         answers.add((code, details.replace(ref, "REF")))
     assert answers == {(grpc.StatusCode.NOT_FOUND, f"registry_uri='REF': {NOT_OURS}")}
-    code, details = await _code(
+    code, details = await status_of(
         stub.PromoteCheckpoint(pb.trainer.PromoteCheckpointRequest(registry_uri="file://host/etc"))
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "host" in details
@@ -69,7 +46,7 @@ async def test_promote_names_only_checkpoints_this_trainer_wrote(app: TrainerApp
         pb.trainer.PromoteCheckpointRequest(checkpoint_id=foreign.path.name),
         pb.trainer.PromoteCheckpointRequest(registry_uri=foreign.uri),
     ):
-        code, details = await _code(stub.PromoteCheckpoint(request))
+        code, details = await status_of(stub.PromoteCheckpoint(request))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "only what it wrote" in details
     assert registry.promoted_versions() == []
 
@@ -96,13 +73,13 @@ async def test_hostile_run_specs_are_refused(app: TrainerApp, stub: Any, tmp_pat
         "spec.student.init_checkpoint": lambda s: setattr(s.student, "init_checkpoint", str(tmp_path)),
     }
     for field, edit in cases.items():
-        code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=spec(edit))))
+        code, details = await status_of(stub.StartRun(pb.trainer.StartRunRequest(spec=spec(edit))))
         assert (code, details.split("=")[0]) == (grpc.StatusCode.INVALID_ARGUMENT, field), details
     assert app.manager.runs == {}
 
 
 async def test_a_run_that_would_not_fit_in_memory_is_refused(app: TrainerApp, stub: Any) -> None:
     app.manager.settings.run_memory_fraction = 1e-9
-    code, details = await _code(stub.StartRun(pb.trainer.StartRunRequest(spec=tiny_spec())))
+    code, details = await status_of(stub.StartRun(pb.trainer.StartRunRequest(spec=tiny_spec())))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "GiB" in details
     assert app.manager.runs == {}
