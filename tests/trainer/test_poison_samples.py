@@ -17,18 +17,9 @@ from services.trainer.buffer import SAMPLE, OffsetTracker, ReplayBuffer
 from services.trainer.evalset import EvalSet
 from services.trainer.intake import Intake, sample_validator
 from services.trainer.recipes import with_defaults
+from tests.trainer.fakes import ScriptedConsumer
 
 VOCAB = 512  # the tiny teacher's
-
-
-class ScriptedConsumer:
-    def __init__(self, records: list[Received[Any]]) -> None:
-        self.records = records
-
-    def poll(self, timeout_s: float, max_records: int | None = None) -> list[Received[Any]]:
-        n = max_records or len(self.records)
-        out, self.records = self.records[:n], self.records[n:]
-        return out
 
 
 class DeadLetters:
