@@ -27,6 +27,7 @@ from tests.trainer.test_resume_process import (
     _kill,
     _lineage,
     _serve,
+    _start_run,
     _trained_all,
     _wait,
 )
@@ -63,11 +64,7 @@ def test_sigkill_of_a_rank_restarts_the_ranks_and_the_run_resumes_exactly(
     trainer = _serve(env, log)
     processes = []
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=120)
-            stub = pb.trainer_grpc.TrainerServiceStub(channel)
-            spec = tiny_spec("ranks", max_steps=0, eval_every_steps=2, batch_size=4)
-            stub.StartRun(pb.trainer.StartRunRequest(spec=spec), timeout=60)
+        _start_run(port, "ranks", eval_every_steps=2)
 
         def trained_past_a_checkpoint() -> bool:
             assert '"msg": "run failed"' not in log.read_text(), log.read_text()[-3000:]
@@ -185,11 +182,7 @@ def test_a_sigkilled_service_takes_its_ranks_with_it(
     trainer = _serve(env, log)
     processes = []
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=120)
-            stub = pb.trainer_grpc.TrainerServiceStub(channel)
-            spec = tiny_spec("orphans", max_steps=0, eval_every_steps=50, batch_size=4)
-            stub.StartRun(pb.trainer.StartRunRequest(spec=spec), timeout=60)
+        _start_run(port, "orphans", eval_every_steps=50)
         _wait(lambda: bool(_lineage(lineage)), trainer, log, 300, "a first step of the two ranks")
         pids = json.loads((home / "trainer" / "work" / "orphans" / "ranks.json").read_text())["pids"]
         processes = [p for p in family(trainer.pid) if p.pid in pids]

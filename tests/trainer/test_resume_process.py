@@ -85,6 +85,14 @@ def _wait(predicate, proc: subprocess.Popen[bytes], log: Path, timeout_s: float,
         time.sleep(0.05)
 
 
+def _start_run(port: int, run_id: str, eval_every_steps: int) -> None:
+    """Waits for the trainer service on `port`, then starts an endless tiny run (batches of 4)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=120)
+        spec = tiny_spec(run_id, max_steps=0, eval_every_steps=eval_every_steps, batch_size=4)
+        pb.trainer_grpc.TrainerServiceStub(channel).StartRun(pb.trainer.StartRunRequest(spec=spec), timeout=60)
+
+
 def _trained_all(lineage: Path, first_pid: int, expected_items: int) -> bool:
     """Whether the processes after `first_pid` trained, with what it trained up to their resumed-from step, every
     item."""
@@ -133,11 +141,7 @@ def test_sigkill_then_restart_resumes_from_the_manifest_offsets_with_no_gap(
 
     first = _serve(env, log)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=120)
-            stub = pb.trainer_grpc.TrainerServiceStub(channel)
-            spec = tiny_spec("killme", max_steps=0, eval_every_steps=2, batch_size=4)
-            stub.StartRun(pb.trainer.StartRunRequest(spec=spec), timeout=60)
+        _start_run(port, "killme", eval_every_steps=2)
 
         def trained_past_a_checkpoint() -> bool:
             ckpts = registry.checkpoints("killme")
