@@ -153,6 +153,10 @@ def load_causal_lm(folder: Path, dtype: Any = None) -> Any:
     """transformers model from a safetensors folder: no pickle, no remote code, offline."""
     offline()
     check_safe_folder(folder)
+    from services.common import outvocab
+
+    if outvocab.is_trimmed(json.loads((folder / "config.json").read_text())):
+        return outvocab.load_trimmed(folder, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
@@ -168,14 +172,15 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 def parameter_count(folder: Path) -> int:
-    """Parameters stored in a folder's safetensors files (tied weights counted once)."""
+    """Parameters stored in a folder's safetensors files (tied weights counted once, a restricted head's id map not
+    at all)."""
     from safetensors import safe_open
 
     total, seen = 0, set()
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if key in seen:
+                if key in seen or key == "lm_head.token_ids":  # an id map, not weights (services/common/outvocab.py)
                     continue
                 seen.add(key)
                 shape = f.get_slice(key).get_shape()
