@@ -97,8 +97,8 @@ def replica_env(config: ScaleServingConfig, model: Path, cores: list[int] | None
 
 def resolve_student(config: ScaleServingConfig) -> Path:
     if config.student == "default":
+        from services.bench.serving import default_student
         from services.common.models import prepare_default_teacher
-        from services.serving.bench import default_student
 
         models_dir = config.home / "models"
         return default_student(models_dir, prepare_default_teacher(models_dir))

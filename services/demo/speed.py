@@ -22,7 +22,7 @@ def compare(
     profile: Profile,
     chats: list[list[dict[str, str]]] | None = None,
 ) -> dict:
-    from services.serving.bench import ServingBenchConfig, run_serving_bench
+    from services.bench.serving import ServingBenchConfig, run_serving_bench
 
     config = ServingBenchConfig(
         home=home,

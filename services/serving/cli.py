@@ -98,8 +98,8 @@ def bench(
 ) -> None:
     """`distillery bench serving`: streams at the 238 wpm reading target, student vs teacher, through the service.
     With --tls: what TLS costs in tokens/s."""
+    from services.bench.serving import check_model_folders, default_config, run_serving_bench
     from services.common.models import ModelError
-    from services.serving.bench import check_model_folders, default_config, run_serving_bench
 
     _bench_logging(json_output)
     config = default_config(
@@ -117,7 +117,7 @@ def bench(
     except ModelError as exc:
         raise typer.BadParameter(str(exc)) from exc
     if tls:
-        from services.serving.tlsbench import TlsBenchConfig, run_tls_bench
+        from services.bench.tls import TlsBenchConfig, run_tls_bench
 
         tls_config = TlsBenchConfig(config, streams=streams, probe_s=probe_s, rounds=rounds)
         try:
@@ -137,7 +137,7 @@ def bench_swap(
     strategy: Annotated[str, typer.Option(help="Swap strategy: standby, engine or in_place.")] = "standby",
 ) -> None:
     """`distillery bench swap`: promotions served under load; failures, ITL during swaps, promotion to serving."""
-    from services.serving.swapbench import default_swap_config, run_swap_bench
+    from services.bench.swap import default_swap_config, run_swap_bench
 
     if strategy not in ("standby", "engine", "in_place"):
         raise typer.BadParameter(f"strategy={strategy!r}: must be standby, engine or in_place")

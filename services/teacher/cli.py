@@ -116,7 +116,7 @@ def bench(
     skip_hf: Annotated[bool, typer.Option(help="Leave out the transformers baseline.")] = False,
 ) -> None:
     """`distillery bench teacher`: service vs offline vLLM vs transformers on the same prompts, in one run."""
-    from services.teacher.bench import BenchConfig, run_bench
+    from services.bench.teacher import BenchConfig, run_bench
 
     config = BenchConfig(
         prompts=prompts,

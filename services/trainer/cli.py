@@ -176,8 +176,8 @@ def bench(
     ] = False,
 ) -> None:
     """`distillery bench trainer`: teacher vs trainer tokens/s in one run, and this trainer vs TRL's GKDTrainer."""
+    from services.bench.trainer import BenchConfig, run_bench
     from services.common.process import stdout_to_stderr
-    from services.trainer.bench import BenchConfig, run_bench
 
     config = BenchConfig(
         prompts=prompts, max_tokens=max_tokens, steps=steps, batch_size=batch_size, trl=trl, compile=compile_student

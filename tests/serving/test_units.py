@@ -137,7 +137,7 @@ def test_bench_service_serves_its_model_not_a_promoted_checkpoint(tmp_path: Path
     """The serving bench points each service at an empty registry of its own: serving starts from the newest
     promoted checkpoint of its registry, and the demo runs the bench in a run folder whose registry has students
     (measured before this: the "teacher" probes served the promoted student)."""
-    from services.serving.bench import ServingBenchConfig, service_env
+    from services.bench.serving import ServingBenchConfig, service_env
 
     config = ServingBenchConfig(home=tmp_path)
     env = service_env(config, tmp_path / "teacher")

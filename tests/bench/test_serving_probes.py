@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from services.serving import bench
-from services.serving.bench import ServingBenchConfig, bench_model
+from services.bench import serving as bench
+from services.bench.serving import ServingBenchConfig, bench_model
 from services.serving.loadtest import LoadtestConfig
 
 
@@ -65,8 +65,8 @@ def _folder(root: Path, name: str, files: dict[str, bytes]) -> Path:
 
 
 def test_given_model_folders_are_checked_before_any_engine_starts(tmp_path: Path) -> None:
+    from services.bench.serving import check_model_folders
     from services.common.models import ModelError
-    from services.serving.bench import check_model_folders
 
     empty = _folder(tmp_path, "empty", {})
     with pytest.raises(ModelError, match=r"student=.*empty: no config.json"):

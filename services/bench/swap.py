@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from services.bench.serving import default_student
 from services.common import channels, pb
 from services.common.metrics import read_metrics
 from services.common.registry import Checkpoint, Registry
 from services.common.settings import KafkaSettings, distillery_home
-from services.serving.bench import default_student
 from services.serving.loadtest import LoadtestConfig, LoadtestResult, percentile, run_loadtest
 from services.serving.process import free_port, serving_process
 

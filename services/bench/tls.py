@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.bench.serving import ServingBenchConfig, default_student, service_env
 from services.common.security import AuthSettings, TlsSettings
-from services.serving.bench import ServingBenchConfig, default_student, service_env
 from services.serving.loadtest import LoadtestConfig, run_loadtest
 from services.serving.process import serving_process
 
