@@ -43,7 +43,7 @@ class ServingApp:
         self.swapper = Swapper(
             self.holder, factory or VllmEngine.factory(settings.engine_settings()), settings.swap, on_fatal=self._fail
         )
-        self.streams = StreamService(self.holder, settings.limits)
+        self.streams = StreamService(self.holder, settings.limits, settings.stream_interval_ms / 1000)
         self.server = GrpcServer("serving", settings)
         pb.serving_grpc.add_ServingServiceServicer_to_server(
             ServingServicer(self.streams, self.swapper, self.registry), self.server.server

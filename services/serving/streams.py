@@ -7,6 +7,7 @@ long or a completion that would not fit the model's context are refused with RES
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -31,9 +32,11 @@ class StreamChunk:
 class StreamService:
     """Runs Generate streams against whatever the holder serves."""
 
-    def __init__(self, holder: EngineHolder, limits: LimitSettings) -> None:
+    def __init__(self, holder: EngineHolder, limits: LimitSettings, interval_s: float = 0.0) -> None:
         self.holder = holder
         self.limits = limits
+        self.interval_s = interval_s
+        """Minimum time between a stream's messages (`ServingSettings.stream_interval_ms`)."""
         self.open = OpenStreams()
 
     async def generate(self, prompt: Prompt, sampling: Sampling, request_id: str = "") -> AsyncIterator[StreamChunk]:
@@ -73,7 +76,12 @@ class StreamService:
                     meter.chunk(chunk.text, len(chunk.token_ids))
                     if chunk.finish_reason is not None:
                         result = "error" if chunk.finish_reason == "abort" else "ok"
+                    sent = time.perf_counter()
                     yield StreamChunk(slot.model, chunk)
+                    if self.interval_s > 0 and chunk.finish_reason is None:
+                        # While this stream waits, the engine merges its next steps into one delta (vLLM's
+                        # AsyncLLM does for RequestOutputKind.DELTA), which the next iteration sends at once.
+                        await asyncio.sleep(self.interval_s - (time.perf_counter() - sent))
         except (asyncio.CancelledError, GeneratorExit):
             result = "cancelled"
             raise

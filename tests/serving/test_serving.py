@@ -74,6 +74,28 @@ async def test_generate_streams_tokens_with_version_and_usage(served: Served) ->
     assert sum(len(c.token_ids) for c in raw) == 3
 
 
+async def test_a_stream_interval_sends_several_tokens_per_message_and_the_same_completion(served: Served) -> None:
+    greedy = request(max_tokens=40, temperature=0.0)
+    streams = served.app.streams
+    assert streams.interval_s == 0
+    one_by_one = await collect(served.stub, greedy)
+    streams.interval_s = 0.25
+    try:
+        started = time.perf_counter()
+        chunked = await collect(served.stub, greedy)
+        seconds = time.perf_counter() - started
+    finally:
+        streams.interval_s = 0.0
+    ids = [t for c in one_by_one for t in c.token_ids]
+    assert [t for c in chunked for t in c.token_ids] == ids and len(ids) == 40
+    assert "".join(c.text_delta for c in chunked) == "".join(c.text_delta for c in one_by_one)
+    assert chunked[-1].finish_reason == pb.common.FINISH_REASON_LENGTH
+    assert chunked[-1].usage.completion_tokens == 40
+    # Messages are at least 0.25 s apart: at most one per interval (plus the first), however fast the engine runs.
+    assert len(chunked) <= 2 + seconds / 0.25, (len(chunked), seconds)
+    assert len(chunked) < len(one_by_one)
+
+
 def _req(**sampling: Any) -> pb.serving.GenerateRequest:
     return pb.serving.GenerateRequest(messages=chat(), sampling=pb.common.SamplingParams(**sampling))
 
