@@ -17,10 +17,12 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.bench.clients import child_pool, in_child, loadtest_in_children
 from services.common.settings import READING_TARGET_WPM, distillery_home
 from services.serving.loadtest import LoadtestConfig, run_loadtest
 from services.serving.process import serving_process
@@ -52,6 +54,12 @@ class ServingBenchConfig:
     teacher_dir: Path | None = None
     prompts: list[list[tuple[str, str]]] = field(default_factory=list)
     """Chats the probes send (role, content); empty: the default built-in use case's prompts."""
+    client_processes: int = 1
+    """Processes the load generator runs in (none of them the benchmark's own)."""
+    stream_interval_ms: float = 0.0
+    """The service's `stream_interval_ms`: tokens made within it go out as one message."""
+    raw_engine: bool = True
+    """Also drive each model's engine directly at the equal concurrency (`serving_vs_raw_vllm`)."""
     capacity_stop_at_eos: bool = False
     """Let the capacity probes' streams end where the model ends its answer, as users' streams do. Default: every
     stream generates `max_tokens` (the right load for an untrained student that never ends). A model forced past its
@@ -107,6 +115,7 @@ def service_env(config: ServingBenchConfig, model_dir: Path) -> dict[str, str]:
         "DISTILLERY_SERVING_LIMITS__MAX_CONCURRENT_STREAMS": str(config.max_concurrency * 2),
         "DISTILLERY_SERVING_MAX_CONCURRENT_RPCS": str(config.max_concurrency * 2 + 64),
         "DISTILLERY_SERVING_LOG_LEVEL": "WARNING",
+        "DISTILLERY_SERVING_STREAM_INTERVAL_MS": str(config.stream_interval_ms),
     }
 
 
@@ -147,10 +156,15 @@ def _probe_row(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 async def bench_model(
-    config: ServingBenchConfig, name: str, model_dir: Path, budget_s: float, equal_at: int | None
+    config: ServingBenchConfig,
+    name: str,
+    model_dir: Path,
+    budget_s: float,
+    equal_at: int | None,
+    clients: ProcessPoolExecutor | None = None,
 ) -> dict[str, Any]:
     """Capacity search for one model within `budget_s` after its engine is up; with `equal_at`, also one probe at
-    that concurrency."""
+    that concurrency. The load runs in `clients`' processes (None: in this one)."""
     log = config.home / "bench" / f"serving-{name}.log"
     started = time.monotonic()
     async with serving_process(service_env(config, model_dir), log) as address:
@@ -158,17 +172,19 @@ async def bench_model(
         deadline = time.monotonic() + budget_s
 
         async def probe(concurrency: int, fixed_length: bool = not config.capacity_stop_at_eos) -> dict[str, Any]:
-            result = await run_loadtest(
-                LoadtestConfig(
-                    address=address,
-                    concurrency=concurrency,
-                    duration_s=config.probe_s,
-                    max_tokens=config.max_tokens,
-                    temperature=config.temperature,
-                    ignore_eos=fixed_length,
-                    prompts=config.prompts,
-                )
+            load = LoadtestConfig(
+                address=address,
+                concurrency=concurrency,
+                duration_s=config.probe_s,
+                max_tokens=config.max_tokens,
+                temperature=config.temperature,
+                ignore_eos=fixed_length,
+                prompts=config.prompts,
             )
+            if clients is None:
+                result = await run_loadtest(load)
+            else:
+                result = await loadtest_in_children(clients, load, config.client_processes)
             summary = result.summary()
             words = sum(s.words for s in result.streams)
             tokens = sum(s.tokens for s in result.streams)
@@ -198,6 +214,31 @@ async def bench_model(
     }
 
 
+async def raw_engine(config: ServingBenchConfig, model_dir: Path, concurrency: int) -> dict[str, Any]:
+    """The service's engine for `model_dir`, driven directly at `concurrency` in a child process of its own."""
+    from services.bench.raw_engine import RawConfig, measure_raw
+    from services.serving.loadtest import default_prompts
+
+    raw = RawConfig(
+        model_dir=model_dir,
+        env=service_env(config, model_dir),
+        concurrencies=(concurrency,),
+        duration_s=config.probe_s,
+        max_tokens=config.max_tokens,
+        temperature=config.temperature,
+        prompts=config.prompts or default_prompts(),
+    )
+    with child_pool(1) as pool:
+        result = await in_child(pool, measure_raw, raw)
+    probe = result["probes"][0]
+    logger.info("%s engine alone at %d streams: %s tokens/s", model_dir.name, concurrency, probe["tokens_per_s"])
+    return {
+        "tokens_per_s": probe["tokens_per_s"],
+        "streams": probe["streams"],
+        "engine_start_s": result["engine_start_s"],
+    }
+
+
 def check_model_folders(config: ServingBenchConfig) -> None:
     """Given model folders are Hugging Face folders with safetensors weights: `distillery bench serving` refuses
     others before any engine starts."""
@@ -223,10 +264,24 @@ async def run_serving_bench(config: ServingBenchConfig) -> dict[str, Any]:
     if student_dir is None:
         student_dir = await asyncio.to_thread(default_student, models_dir, teacher_dir)
     # Teacher first: its capacity is the concurrency both models are compared at for tokens/s.
-    teacher = await bench_model(config, "teacher", teacher_dir, config.budget_s / 2, None)
-    equal = max(1, teacher["streams_at_target"])
-    student = await bench_model(config, "student", student_dir, config.budget_s / 2, equal)
+    with child_pool(config.client_processes) as clients:
+        teacher = await bench_model(config, "teacher", teacher_dir, config.budget_s / 2, None, clients)
+        equal = max(1, teacher["streams_at_target"])
+        if config.raw_engine:
+            teacher["raw_engine"] = await raw_engine(config, teacher_dir, equal)
+        student = await bench_model(config, "student", student_dir, config.budget_s / 2, equal, clients)
+        if config.raw_engine:
+            student["raw_engine"] = await raw_engine(config, student_dir, equal)
     s_tps, t_tps = student["tokens_per_s_at_equal_concurrency"], teacher["tokens_per_s_at_equal_concurrency"]
+    vs_raw = {
+        name: round(model["tokens_per_s_at_equal_concurrency"] / model["raw_engine"]["tokens_per_s"], 3)
+        for name, model in (("student", student), ("teacher", teacher))
+        if model.get("raw_engine")
+        and model["raw_engine"]["tokens_per_s"]
+        and model["tokens_per_s_at_equal_concurrency"]
+    }
+    raw_s = student.get("raw_engine", {}).get("tokens_per_s")
+    raw_t = teacher.get("raw_engine", {}).get("tokens_per_s")
     return {
         "student_streams_at_target": student["streams_at_target"],
         "teacher_streams_at_target": teacher["streams_at_target"],
@@ -239,6 +294,8 @@ async def run_serving_bench(config: ServingBenchConfig) -> dict[str, Any]:
         "teacher_tokens_per_s": t_tps,
         "speed_ratio": round(s_tps / t_tps, 2) if s_tps and t_tps else None,
         "equal_concurrency": equal,
+        "serving_vs_raw_vllm": vs_raw,
+        "raw_speed_ratio": round(raw_s / raw_t, 2) if raw_s and raw_t else None,
         "reading_target_wpm": READING_TARGET_WPM,
         "student_parameters": parameter_count(student_dir),
         "teacher_parameters": parameter_count(teacher_dir),

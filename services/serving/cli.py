@@ -95,6 +95,16 @@ def bench(
     streams: Annotated[int, typer.Option(min=1, help="With --tls: concurrent streams.")] = 64,
     rounds: Annotated[int, typer.Option(min=1, help="With --tls: alternating plain/TLS probe pairs.")] = 3,
     enforce_eager: Annotated[bool, typer.Option(help="Skip torch.compile in the engines (faster start).")] = False,
+    client_processes: Annotated[
+        int, typer.Option(min=1, max=64, help="Processes the load generator runs in (never the benchmark's own).")
+    ] = 1,
+    stream_interval_ms: Annotated[
+        float,
+        typer.Option(min=0, max=1000, help="The service's stream interval: tokens within it go out as one message."),
+    ] = 0.0,
+    raw_engine: Annotated[
+        bool, typer.Option(help="Also drive each engine directly at the equal concurrency (serving_vs_raw_vllm).")
+    ] = True,
 ) -> None:
     """`distillery bench serving`: streams at the 238 wpm reading target, student vs teacher, through the service.
     With --tls: what TLS costs in tokens/s."""
@@ -111,6 +121,9 @@ def bench(
         teacher_dir=teacher.resolve() if teacher else None,
         capacity_stop_at_eos=stop_at_eos,
         enforce_eager=enforce_eager,
+        client_processes=client_processes,
+        stream_interval_ms=stream_interval_ms,
+        raw_engine=raw_engine,
     )
     try:
         check_model_folders(config)

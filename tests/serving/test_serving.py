@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -326,3 +327,17 @@ async def test_loadtest_command_prints_json(served: Served) -> None:
     assert proc.returncode == 0, err.decode()[-2000:]
     report = json.loads(out)
     assert report["failed"] == 0 and report["streams"] >= 2 and not math.isnan(report["tokens_per_s"])
+
+
+async def test_the_load_generator_runs_in_child_processes_and_their_streams_merge(served: Served) -> None:
+    from services.bench.clients import child_pool, loadtest_in_children
+
+    config = LoadtestConfig(address=served.app.address, concurrency=5, duration_s=3, max_tokens=16)
+    with child_pool(2) as pool:
+        result = await loadtest_in_children(pool, config, processes=2)
+        child = pool.submit(os.getpid).result(timeout=60)
+    summary = result.summary()
+    assert summary["failed"] == 0, summary["errors"]
+    assert summary["concurrency"] == 5 and len({s.client for s in result.streams}) == 3  # 3 + 2 clients, ids 0..2
+    assert summary["tokens"] == sum(s.tokens for s in result.streams) > 0
+    assert child != os.getpid()

@@ -1,0 +1,84 @@
+"""The serving service's own engine driven directly: tokens/s without gRPC, protobuf or a client.
+
+`distillery bench serving` compares the service with this at equal concurrency (`serving_vs_raw_vllm`): the same
+`VllmEngine` class the service runs, started from the same environment (so the same vLLM settings, dtype, threads
+and KV cache), the same chats encoded by the same tokenizer, the same sampling, `ignore_eos`, streams generated back
+to back for a fixed time and cut at the deadline, tokens counted as they arrive. Runs in a child process
+(`clients.child_pool`), one engine start for every concurrency asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RawConfig:
+    model_dir: Path
+    env: dict[str, str]
+    """The service's environment (`services.bench.serving.service_env`): its settings, read the same way."""
+    concurrencies: tuple[int, ...]
+    duration_s: float
+    max_tokens: int
+    temperature: float
+    prompts: Sequence[Sequence[tuple[str, str]]]
+
+
+async def _probe(engine: Any, prompt_ids: list[list[int]], config: RawConfig, concurrency: int) -> dict[str, Any]:
+    from services.serving.engine import Sampling
+
+    sampling = Sampling(max_tokens=config.max_tokens, temperature=config.temperature, ignore_eos=True)
+    counter = itertools.count()
+    tokens = 0
+    streams = 0
+    started = time.perf_counter()
+    deadline = started + config.duration_s
+
+    async def worker() -> None:
+        nonlocal tokens, streams
+        while time.perf_counter() < deadline:
+            i = next(counter)
+            streams += 1
+            async for chunk in engine.generate(prompt_ids[i % len(prompt_ids)], sampling, f"raw-{concurrency}-{i}"):
+                tokens += len(chunk.token_ids)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    _, pending = await asyncio.wait(tasks, timeout=config.duration_s)
+    for task in pending:
+        task.cancel()  # streams open at the deadline are cut (the engine aborts them), as the load generator does
+    await asyncio.gather(*tasks, return_exceptions=True)
+    wall = time.perf_counter() - started
+    return {"concurrency": concurrency, "tokens_per_s": round(tokens / wall, 1), "streams": streams}
+
+
+async def _measure(config: RawConfig) -> dict[str, Any]:
+    os.environ.update(config.env)
+    from services.serving.engine import VllmEngine
+    from services.serving.settings import ServingSettings
+
+    settings = ServingSettings()
+    started = time.perf_counter()
+    engine = await VllmEngine.start(config.model_dir, settings.engine_settings())
+    start_s = time.perf_counter() - started
+    try:
+        prompt_ids = [engine.encode_chat(chat) for chat in config.prompts]
+        await engine.probe(8)  # the service warms an engine up before it serves; so does this
+        probes = [await _probe(engine, prompt_ids, config, c) for c in config.concurrencies]
+    finally:
+        await engine.shutdown()
+    return {"engine_start_s": round(start_s, 1), "probes": probes}
+
+
+def measure_raw(config: RawConfig) -> dict[str, Any]:
+    """Runs in a child process: start the engine, probe each concurrency, stop."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    return asyncio.run(_measure(config))
