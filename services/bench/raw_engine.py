@@ -80,5 +80,8 @@ def measure_raw(config: RawConfig) -> dict[str, Any]:
     """Runs in a child process: start the engine, probe each concurrency, stop."""
     import logging
 
+    from services.common.process import stdout_to_stderr
+
     logging.basicConfig(level=logging.WARNING)
-    return asyncio.run(_measure(config))
+    with stdout_to_stderr():  # vLLM logs to stdout; the benchmark's stdout is its JSON
+        return asyncio.run(_measure(config))

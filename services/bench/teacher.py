@@ -184,6 +184,9 @@ def _bench_hf(config: BenchConfig, model_dir: Path, prompt_ids: list[list[int]],
     model = load_causal_lm(model_dir, dtype=torch.bfloat16).eval()
     tokenizer = load_tokenizer(model_dir)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # The same warm-up vLLM gets (one short generation off the clock: first-call allocations, oneDNN kernels).
+    with torch.inference_mode():
+        model.generate(input_ids=torch.tensor([prompt_ids[0]]), max_new_tokens=8, do_sample=False, pad_token_id=pad)
     progress.update(task, description="transformers: generate")
     tokens = 0
     started = time.perf_counter()
