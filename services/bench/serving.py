@@ -56,8 +56,8 @@ class ServingBenchConfig:
     """Chats the probes send (role, content); empty: the default built-in use case's prompts."""
     client_processes: int = 1
     """Processes the load generator runs in (none of them the benchmark's own)."""
-    stream_interval_ms: float = 0.0
-    """The service's `stream_interval_ms`: tokens made within it go out as one message."""
+    stream_interval_ms: float | None = None
+    """The service's `stream_interval_ms` (tokens made within it go out as one message); None: its default."""
     raw_engine: bool = True
     """Also drive each model's engine directly at the equal concurrency (`serving_vs_raw_vllm`)."""
     capacity_stop_at_eos: bool = False
@@ -115,8 +115,11 @@ def service_env(config: ServingBenchConfig, model_dir: Path) -> dict[str, str]:
         "DISTILLERY_SERVING_LIMITS__MAX_CONCURRENT_STREAMS": str(config.max_concurrency * 2),
         "DISTILLERY_SERVING_MAX_CONCURRENT_RPCS": str(config.max_concurrency * 2 + 64),
         "DISTILLERY_SERVING_LOG_LEVEL": "WARNING",
-        "DISTILLERY_SERVING_STREAM_INTERVAL_MS": str(config.stream_interval_ms),
-    }
+    } | (
+        {}
+        if config.stream_interval_ms is None
+        else {"DISTILLERY_SERVING_STREAM_INTERVAL_MS": str(config.stream_interval_ms)}
+    )
 
 
 def passes(summary: dict[str, Any]) -> bool:

@@ -38,6 +38,8 @@ def compare(
         teacher_dir=teacher_dir,
         # Readers' streams end with the answer; tokens/s are compared at a fixed length.
         capacity_stop_at_eos=True,
+        # The service against its engine driven directly is `distillery bench serving`'s question, not the demo's.
+        raw_engine=False,
         # The job's own held-out prompts, as its users would send them.
         prompts=[[(m["role"], m["content"]) for m in chat] for chat in chats or []],
     )

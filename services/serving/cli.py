@@ -99,9 +99,13 @@ def bench(
         int, typer.Option(min=1, max=64, help="Processes the load generator runs in (never the benchmark's own).")
     ] = 1,
     stream_interval_ms: Annotated[
-        float,
-        typer.Option(min=0, max=1000, help="The service's stream interval: tokens within it go out as one message."),
-    ] = 0.0,
+        float | None,
+        typer.Option(
+            min=0,
+            max=1000,
+            help="The service's stream interval (tokens within it go out as one message); default: its own.",
+        ),
+    ] = None,
     raw_engine: Annotated[
         bool, typer.Option(help="Also drive each engine directly at the equal concurrency (serving_vs_raw_vllm).")
     ] = True,
