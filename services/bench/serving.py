@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -28,8 +27,6 @@ from services.serving.loadtest import LoadtestConfig, run_loadtest
 from services.serving.process import serving_process
 
 logger = logging.getLogger(__name__)
-
-STUDENT_CACHE = "bench-default-student"
 
 
 @dataclass
@@ -58,6 +55,9 @@ class ServingBenchConfig:
     """Processes the load generator runs in (none of them the benchmark's own)."""
     stream_interval_ms: float | None = None
     """The service's `stream_interval_ms` (tokens made within it go out as one message); None: its default."""
+    student_head_coverage: float | None = None
+    """The default student with its LM head restricted to the default use case's tokens at this coverage
+    (`services/bench/students.py`); None: its full head. Ignored with `student_dir`."""
     raw_engine: bool = True
     """Also drive each model's engine directly at the equal concurrency (`serving_vs_raw_vllm`)."""
     capacity_stop_at_eos: bool = False
@@ -67,35 +67,14 @@ class ServingBenchConfig:
     (measured 0.25 vs the teacher's 0.72). Tokens/s at the equal concurrency are always measured at fixed length."""
 
 
-def default_student(models_dir: Path, teacher_dir: Path) -> Path:
-    """The trainer's default student (pruned from the teacher), built once and cached under `models_dir`."""
-    target = models_dir / STUDENT_CACHE
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    from services.trainer.recipes import DEFAULT_STUDENT_RECIPE
-    from services.trainer.student import make_student
+def default_student(models_dir: Path, teacher_dir: Path, output_vocab_coverage: float | None = None) -> Path:
+    """The trainer's default student (pruned from the teacher), built once and cached under `models_dir`; with
+    `output_vocab_coverage`, the same student with its head restricted to the default use case's tokens
+    (`services/bench/students.py`)."""
+    from services.bench.students import full_default_student, trimmed_student
 
-    staging = models_dir / f".{STUDENT_CACHE}.{uuid.uuid4().hex}"
-    make_student(teacher_dir, DEFAULT_STUDENT_RECIPE, staging, calibration_sequences(teacher_dir), dtype="bfloat16")
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    return target
-
-
-def calibration_sequences(teacher_dir: Path, n: int = 64) -> list[list[int]]:
-    """Token ids of `n` prompts of the default built-in use case and their references, in the teacher's chat format:
-    what the untrained default student is pruned with when a benchmark builds one."""
-    from services.common.models import load_tokenizer
-    from services.tasks.builtin import default_prompts
-
-    tokenizer = load_tokenizer(teacher_dir)
-    out = []
-    for example in default_prompts(n, seed=1234):
-        chat = [*example.content.chat(), {"role": "assistant", "content": example.reference or ""}]
-        ids = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=False)
-        out.append([int(t) for t in (ids if isinstance(ids, list) else ids["input_ids"])])
-    return out
+    full = full_default_student(models_dir, teacher_dir)
+    return full if output_vocab_coverage is None else trimmed_student(models_dir, full, output_vocab_coverage)
 
 
 def service_env(config: ServingBenchConfig, model_dir: Path) -> dict[str, str]:
@@ -256,6 +235,7 @@ def check_model_folders(config: ServingBenchConfig) -> None:
 
 
 async def run_serving_bench(config: ServingBenchConfig) -> dict[str, Any]:
+    from services.bench.students import output_vocab_info
     from services.common.models import parameter_count, prepare_default_teacher
 
     started = time.monotonic()
@@ -265,7 +245,7 @@ async def run_serving_bench(config: ServingBenchConfig) -> dict[str, Any]:
         teacher_dir = await asyncio.to_thread(prepare_default_teacher, models_dir)
     student_dir = config.student_dir
     if student_dir is None:
-        student_dir = await asyncio.to_thread(default_student, models_dir, teacher_dir)
+        student_dir = await asyncio.to_thread(default_student, models_dir, teacher_dir, config.student_head_coverage)
     # Teacher first: its capacity is the concurrency both models are compared at for tokens/s.
     with child_pool(config.client_processes) as clients:
         teacher = await bench_model(config, "teacher", teacher_dir, config.budget_s / 2, None, clients)
@@ -301,6 +281,7 @@ async def run_serving_bench(config: ServingBenchConfig) -> dict[str, Any]:
         "raw_speed_ratio": round(raw_s / raw_t, 2) if raw_s and raw_t else None,
         "reading_target_wpm": READING_TARGET_WPM,
         "student_parameters": parameter_count(student_dir),
+        "student_output_vocab": output_vocab_info(student_dir),
         "teacher_parameters": parameter_count(teacher_dir),
         "student": student,
         "teacher": teacher,

@@ -106,6 +106,14 @@ def bench(
             help="The service's stream interval (tokens within it go out as one message); default: its own.",
         ),
     ] = None,
+    student_head_coverage: Annotated[
+        float | None,
+        typer.Option(
+            min=0.5,
+            max=1.0,
+            help="Serve the default student with its LM head restricted to the use case's tokens at this coverage.",
+        ),
+    ] = None,
     raw_engine: Annotated[
         bool, typer.Option(help="Also drive each engine directly at the equal concurrency (serving_vs_raw_vllm).")
     ] = True,
@@ -128,6 +136,7 @@ def bench(
         client_processes=client_processes,
         stream_interval_ms=stream_interval_ms,
         raw_engine=raw_engine,
+        student_head_coverage=student_head_coverage,
     )
     try:
         check_model_folders(config)
