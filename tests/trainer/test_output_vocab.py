@@ -25,7 +25,8 @@ from services.trainer.buffer import REFERENCE, SAMPLE, Item
 from services.trainer.evaluate import agreement
 from services.trainer.generation import complete
 from services.trainer.recipes import with_defaults
-from services.trainer.spec import check_memory, complete as complete_spec
+from services.trainer.spec import check_memory
+from services.trainer.spec import complete as complete_spec
 from services.trainer.student import make_student
 from tests.trainer.conftest import tiny_spec
 
@@ -191,11 +192,11 @@ def test_the_option_is_validated_naming_the_field_and_kept_with_the_default_stud
     for bad in (1.5, -0.1, float("nan")):
         spec = tiny_spec()
         spec.student.output_vocab_coverage = bad
-        with pytest.raises(InvalidArgument, match="spec.student.output_vocab_coverage"):
+        with pytest.raises(InvalidArgument, match=r"spec\.student\.output_vocab_coverage"):
             complete_spec(spec, config)
     spec = tiny_spec()
     spec.student.output_vocab_coverage = 0.99
-    with pytest.raises(InvalidArgument, match="spec.student.output_vocab_coverage.*Llama"):
+    with pytest.raises(InvalidArgument, match=r"spec\.student\.output_vocab_coverage.*Llama"):
         complete_spec(spec, {**config, "model_type": "gpt2"})
     assert complete_spec(spec, config).student.output_vocab_coverage == pytest.approx(0.99)
     only = pb.trainer.RunSpec(student=pb.trainer.StudentRecipe(output_vocab_coverage=0.99))
