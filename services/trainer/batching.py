@@ -188,7 +188,7 @@ class StepLoss:
     parts: dict[str, float]
     source_loss: dict[str, float]
     source_tokens: dict[str, int]
-    outside_head: int = 0  # target tokens a restricted head has no row for
+    outside_head: int = 0  # target tokens (every row's) a restricted head has no row for
 
 
 def batch_loss(

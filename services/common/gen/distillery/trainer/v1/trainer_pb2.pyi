@@ -880,7 +880,9 @@ class RunProgress(_message.Message):
     stale_samples: _builtins.int
     stale_dropped: _builtins.int
     tokens_outside_head: _builtins.int
-    """Cross-entropy target tokens the student's restricted output vocabulary has no row for (masked out of the loss)."""
+    """Trained target tokens (teacher answers, reference answers) a restricted output vocabulary has no row for: the
+    cross-entropy terms mask them out, the KL terms count their teacher mass in the tail bucket. 0 without one.
+    """
     @_builtins.property
     def loss_components(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
