@@ -57,6 +57,10 @@ def collect(
         r.student_agreement = m.get("teacher_agreement")
         r.student_kl = m.get("kl")
         r.student_top1 = m.get("top1_agreement")
+        if "output_vocab_size" in m:
+            r.output_vocab_size = int(m["output_vocab_size"])
+            r.output_vocab_coverage = m.get("output_vocab_coverage")
+            r.output_vocab_heldout_coverage = m.get("output_vocab_heldout_coverage")
         r.student_step = chosen.manifest.step
         if served is None:
             r.notes.append("student figures are from the last checkpoint (none was promoted)")

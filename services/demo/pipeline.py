@@ -377,15 +377,17 @@ def core_layout(cpus: list[int]) -> dict[str, str]:
 
 def _describe(recipe: pb.trainer.StudentRecipe) -> str:
     source = recipe.WhichOneof("source")
+    head = (f", output vocabulary at {recipe.output_vocab_coverage:g} coverage"
+            if recipe.output_vocab_coverage else "")  # fmt: skip
     if source == "pruned":
         p = recipe.pruned
         return (f"pruned from the teacher: {p.num_layers} layers, hidden {p.hidden_size}, MLP {p.intermediate_size}, "
-                f"{p.num_attention_heads}/{p.num_key_value_heads} heads")  # fmt: skip
+                f"{p.num_attention_heads}/{p.num_key_value_heads} heads{head}")  # fmt: skip
     if source == "config":
         c = recipe.config
         return (f"a fresh model of the teacher's family: {c.num_layers} layers, hidden {c.hidden_size}, "
-                f"MLP {c.intermediate_size}, {c.num_attention_heads}/{c.num_key_value_heads} heads")  # fmt: skip
-    return str(source)
+                f"MLP {c.intermediate_size}, {c.num_attention_heads}/{c.num_key_value_heads} heads{head}")  # fmt: skip
+    return f"{source}{head}"
 
 
 __all__ = ["DemoFailed", "Pipeline", "ServiceFailed", "install_sigterm_as_interrupt"]

@@ -41,6 +41,11 @@ class DemoResult:
     student_agreement: float | None = None
     student_kl: float | None = None
     student_top1: float | None = None
+    #: A restricted output vocabulary (`StudentRecipe.output_vocab_coverage`): head rows, and the share of answer
+    #: tokens they cover on the samples that chose them and on the held-out teacher answers.
+    output_vocab_size: int | None = None
+    output_vocab_coverage: float | None = None
+    output_vocab_heldout_coverage: float | None = None
     student_step: int = 0
     promotions: int = 0
     tokens_by_source: dict[str, int] = field(default_factory=dict)
@@ -133,6 +138,9 @@ def summary(result: DemoResult) -> dict[str, Any]:
         "student_teacher_agreement": result.student_agreement,
         "student_kl": result.student_kl,
         "student_top1_agreement": result.student_top1,
+        "output_vocab_size": result.output_vocab_size,
+        "output_vocab_coverage": result.output_vocab_coverage,
+        "output_vocab_heldout_coverage": result.output_vocab_heldout_coverage,
         "student_step": result.student_step,
         "signal_share": signal_share(result.tokens_by_source),
         "tokens_by_source": result.tokens_by_source,
@@ -189,6 +197,15 @@ def summary(result: DemoResult) -> dict[str, Any]:
         "wall_s": round(result.wall_s, 1),
     }
     return out
+
+
+def _output_vocab_lines(result: DemoResult) -> list[str]:
+    """The student's restricted output vocabulary, when it has one (a row of the teacher vs student table)."""
+    if result.output_vocab_size is None:
+        return []
+    return [f"| output vocabulary: rows (answer tokens covered: selection samples / held out) | | "
+            f"{result.output_vocab_size:,} ({fmt(result.output_vocab_coverage)} / "
+            f"{fmt(result.output_vocab_heldout_coverage)}) | | | |"]  # fmt: skip
 
 
 def fmt(value: Any, spec: str = ".3f") -> str:
@@ -301,6 +318,7 @@ def write_report(result: DemoResult, folder: Path) -> dict[str, Any]:
         quality,
         f"| KL(teacher ‖ student) per held-out token | | {fmt(result.student_kl)} | | | |",
         f"| top-1 token agreement on held-out teacher answers | | {fmt(result.student_top1)} | | | |",
+        *_output_vocab_lines(result),
         f"| parameters | {result.teacher_params:,} | {result.student_params:,} | {fmt(data['size_ratio'], '.2f')}× "
         f"fewer | ≥ 7.5× | {fmt(goals['size_ratio_ge_7.5'])} |",
         f"| tokens/s through serving ({result.speed_concurrency} streams) | {fmt(result.teacher_tokens_per_s, '.1f')}"

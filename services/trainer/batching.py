@@ -7,6 +7,11 @@ a reference-answer token) go through the 49k-wide LM head — prompts are masked
 their logits is the biggest saving for a small student (PLATFORM.md: 1,297 → 1,849 tokens/s).
 Rows come in three groups: teacher-sample positions of off-policy samples (Nt), then of scored student
 completions (No, on-policy), then reference-answer positions (Nr). The first two carry the teacher's top-k.
+
+A student with a restricted output vocabulary (`services.common.outvocab`) trains on its N compact head logits:
+the teacher's top-k ids and the targets are mapped onto head rows first (`onto_head`); a top-k entry without a row
+becomes padding, so its mass joins the teacher's tail bucket, and a target without a row is masked out of the
+cross-entropy terms and counted (`StepLoss.outside_head`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from services.common.outvocab import OutputVocabHead, head_index
 from services.trainer.buffer import SAMPLE, SOURCES, Item
 from services.trainer.losses import LossInputs, LossWeights, distillation_loss
 
@@ -120,18 +126,57 @@ def collate(items: Sequence[Item], pad_id: int) -> Batch:
     )
 
 
-def answer_logits(model: Any, input_ids: Tensor, positions: Tensor, autocast: bool, body: Any = None) -> Tensor:
+def restricted_head(model: Any) -> OutputVocabHead | None:
+    """The model's LM head when it covers a restricted output vocabulary, else None."""
+    head = getattr(model, "lm_head", None)
+    return head if isinstance(head, OutputVocabHead) else None
+
+
+def answer_logits(
+    model: Any, input_ids: Tensor, positions: Tensor, autocast: bool, body: Any = None, compact: bool = False
+) -> Tensor:
     """Student logits at `positions` only: (B, S) ids, (N,) flat positions → (N, V).
 
     `body` is the decoder to run (e.g. a `torch.compile`d `model.model`); default `model.model`. bf16 autocast
-    runs on the device the ids are on (CPU or CUDA).
+    runs on the device the ids are on (CPU or CUDA). `compact`: a restricted head's N logits, (N, Nh), instead of
+    the full vocabulary with −inf where it has no row.
     """
     with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         decoder = body if body is not None else model.model
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, S, H)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, H)
-        logits: Tensor = model.lm_head(picked)  # (N, V)
+        head = restricted_head(model) if compact else None
+        logits: Tensor = head.compact(picked) if head is not None else model.lm_head(picked)  # (N, V) or (N, Nh)
     return logits
+
+
+@dataclass
+class OnHead:
+    """A batch's teacher top-k and targets in head rows (see `onto_head`): top-k (Nt + No, K), targets (N,)."""
+
+    top_ids: Tensor
+    top_logprobs: Tensor
+    top_valid: Tensor
+    targets: Tensor
+    in_head: Tensor  # (N,) bool: the target has a head row
+
+
+def onto_head(batch: Batch, token_ids: Tensor, vocab_size: int) -> OnHead:
+    """Maps full-vocabulary ids onto the rows of a head over `token_ids`. A valid top-k entry without a row becomes
+    padding (log-prob −inf): `teacher_buckets` then counts its mass in the tail, 1 − Σ (top-k ∩ head), and the
+    student's tail is everything outside the same ids, so both sides still compare the same k + 1 buckets. A target
+    without a row points at row 0 and is flagged, for the cross-entropy terms to mask."""
+    index = head_index(token_ids, vocab_size)  # (V,)
+    rows = index[batch.top_ids]  # (Nt + No, K)
+    valid = batch.top_valid & (rows >= 0)
+    targets = index[batch.targets]
+    return OnHead(
+        top_ids=rows.clamp_min(0),
+        top_logprobs=batch.top_logprobs.masked_fill(~valid, float("-inf")),
+        top_valid=valid,
+        targets=targets.clamp_min(0),
+        in_head=targets >= 0,
+    )
 
 
 @dataclass
@@ -143,6 +188,7 @@ class StepLoss:
     parts: dict[str, float]
     source_loss: dict[str, float]
     source_tokens: dict[str, int]
+    outside_head: int = 0  # target tokens (every row's) a restricted head has no row for
 
 
 def batch_loss(
@@ -156,25 +202,41 @@ def batch_loss(
 ) -> StepLoss:
     """The run's mixed loss for one (micro-)batch: `weights` on off-policy and reference rows, `on_policy` on
     scored student completions. `counts`: see `distillation_loss` (a rank's share of a data-parallel batch)."""
-    logits = answer_logits(model, batch.input_ids, batch.positions, autocast, body)
+    logits = answer_logits(model, batch.input_ids, batch.positions, autocast, body, compact=True)
+    head = restricted_head(model)
+    top_ids, top_logprobs, top_valid, targets = batch.top_ids, batch.top_logprobs, batch.top_valid, batch.targets
+    in_head: Tensor | None = None
+    outside = 0
+    if head is not None:
+        mapped = onto_head(batch, head.token_ids, head.vocab_size)
+        top_ids, top_logprobs, top_valid, targets = (
+            mapped.top_ids,
+            mapped.top_logprobs,
+            mapped.top_valid,
+            mapped.targets,
+        )
+        in_head = mapped.in_head
+        outside = int((~in_head).sum())
     nt, no = batch.n_teacher, batch.n_student
     loss, parts, per_position = distillation_loss(
         weights,
         LossInputs(
             t_logits=logits[:nt],
-            top_ids=batch.top_ids[:nt],
-            top_logprobs=batch.top_logprobs[:nt],
-            top_valid=batch.top_valid[:nt],
-            sampled=batch.targets[:nt],
+            top_ids=top_ids[:nt],
+            top_logprobs=top_logprobs[:nt],
+            top_valid=top_valid[:nt],
+            sampled=targets[:nt],
             t_weights=batch.weights[:nt],
             r_logits=logits[nt + no :],
-            r_targets=batch.targets[nt + no :],
+            r_targets=targets[nt + no :],
             r_weights=batch.weights[nt + no :],
             o_logits=logits[nt : nt + no],
-            o_top_ids=batch.top_ids[nt : nt + no],
-            o_top_logprobs=batch.top_logprobs[nt : nt + no],
-            o_top_valid=batch.top_valid[nt : nt + no],
+            o_top_ids=top_ids[nt : nt + no],
+            o_top_logprobs=top_logprobs[nt : nt + no],
+            o_top_valid=top_valid[nt : nt + no],
             o_weights=batch.weights[nt : nt + no],
+            sampled_in_head=None if in_head is None else in_head[:nt],
+            r_in_head=None if in_head is None else in_head[nt + no :],
         ),
         on_policy,
         counts,
@@ -187,7 +249,7 @@ def batch_loss(
         name = SOURCES[code]
         source_loss[name] = source_loss.get(name, 0.0) + value
         source_tokens[name] = source_tokens.get(name, 0) + 1
-    return StepLoss(loss, parts, source_loss, source_tokens)
+    return StepLoss(loss, parts, source_loss, source_tokens, outside)
 
 
 def lr_at(step: int, base: float, warmup: int, max_steps: int, min_ratio: float) -> float:

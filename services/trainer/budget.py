@@ -10,20 +10,27 @@ from typing import Any
 TRAIN_BYTES_PER_PARAMETER = 16
 
 
-def parameters(config: dict[str, Any], layers: int, hidden: int, inter: int, heads: int, kv_heads: int) -> int:
-    """Parameters of a Llama-family decoder of this shape (embeddings, attention, gated MLP, norms)."""
+def parameters(
+    config: dict[str, Any], layers: int, hidden: int, inter: int, heads: int, kv_heads: int, head_rows: int = 0
+) -> int:
+    """Parameters of a Llama-family decoder of this shape (embeddings, attention, gated MLP, norms). `head_rows`:
+    the rows of a restricted output vocabulary's LM head (its own weights, never tied); 0 for the full head."""
     vocab = int(config.get("vocab_size", 32000))
     head_dim = int(config.get("head_dim") or config.get("hidden_size", hidden) // max(config.get(
         "num_attention_heads", heads), 1))  # fmt: skip
     attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
-    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
+    if head_rows:
+        embeddings = (vocab + head_rows) * hidden
+    else:
+        embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
     return embeddings + layers * (attention + 3 * hidden * inter + 2 * hidden) + hidden
 
 
-def run_bytes(student_parameters: int, teacher_parameters: int, vocab: int, batch: int, seq_len: int) -> int:
+def run_bytes(student_parameters: int, teacher_parameters: int, logit_width: int, batch: int, seq_len: int) -> int:
     """Peak bytes of a training step: the student's optimizer state, the teacher's weights (loaded for pruning and
-    calibration, fp32), and the logits of a batch with their log-softmax and gradient (3 fp32 copies)."""
-    logits = 3 * 4 * batch * seq_len * vocab
+    calibration, fp32), and the logits of a batch with their log-softmax and gradient (3 fp32 copies).
+    `logit_width`: the vocabulary, or a restricted output vocabulary's head rows (the losses see only those)."""
+    logits = 3 * 4 * batch * seq_len * logit_width
     return TRAIN_BYTES_PER_PARAMETER * student_parameters + 4 * teacher_parameters + logits
 
 

@@ -1,5 +1,6 @@
-"""Calibration data for pruning: the first training samples of the run's own stream (the user's prompts and the
-teacher's answers to them), read through the run's intake so that nothing is read twice or skipped.
+"""Calibration data for pruning and for choosing a restricted output vocabulary: the first training samples of the
+run's own stream (the user's prompts and the teacher's answers to them), read through the run's intake so that
+nothing is read twice or skipped.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from services.common import pb
-from services.trainer.buffer import SAMPLE, ReplayBuffer
+from services.trainer.buffer import SAMPLE, Item, ReplayBuffer
 from services.trainer.intake import Intake
 
 
@@ -37,20 +38,27 @@ def collect_calibration(
     stop: threading.Event,
     on_wait: Callable[[], None],
     idle_s: float = 10.0,
-) -> list[list[int]] | None:
-    """Token ids (prompt + completion) of the first `n` training samples; None when stopped while waiting.
+) -> list[Item] | None:
+    """The buffer's first items up to the `n`-th training sample (the samples, and the reference-answer items that
+    came with them); None when stopped while waiting. `sequences` gives pruning its token ids.
 
-    The samples stay in the buffer, fresh: they are trained on like any other. Waits as long as the stream has no
+    The items stay in the buffer, fresh: they are trained on like any other. Waits as long as the stream has no
     training sample (a run cannot train without one either), publishing progress while it waits; with fewer than
     `n`, takes what there is once nothing new has arrived for `idle_s`.
     """
     last_new = time.monotonic()
     while not stop.is_set():
-        samples = [it.input_ids for it in buffer.items() if it.kind == SAMPLE][:n]
+        items = buffer.items()
+        samples = [i for i, it in enumerate(items) if it.kind == SAMPLE][:n]
         if len(samples) >= n or (samples and (buffer.room() <= 0 or time.monotonic() - last_new > idle_s)):
-            return samples
+            return items[: samples[-1] + 1]
         if intake.poll(0.5) > 0:
             last_new = time.monotonic()
         else:
             on_wait()
     return None
+
+
+def sequences(items: list[Item]) -> list[list[int]]:
+    """Token ids (prompt + completion) of the training samples among `items`: pruning's calibration sequences."""
+    return [it.input_ids for it in items if it.kind == SAMPLE]

@@ -9,6 +9,11 @@
 - kl: mean KL(teacher top-k + tail ‖ student) per completion token of the held-out teacher samples;
 - top1_agreement: fraction of those positions where the student's argmax is the teacher's top-1;
 - perplexity: exp of the student's mean cross-entropy on the teacher's held-out completions.
+
+A student with a restricted output vocabulary is measured on its head as it is trained (`batching.onto_head`):
+teacher top-k mass outside the head is in the tail bucket (not an infinite KL), a teacher top-1 outside the head is
+a disagreement, and perplexity is over the completion tokens the head has a row for (the trainer reports the share
+of those, `output_vocab_heldout_coverage`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 
 from services.common import pb
-from services.trainer.batching import answer_logits, collate
+from services.trainer.batching import answer_logits, collate, onto_head, restricted_head
 from services.trainer.buffer import SAMPLE, Item
 from services.trainer.evalset import EvalPrompt, EvalSet
 from services.trainer.generation import complete
@@ -98,20 +103,28 @@ def agreement(
     """(KL per token, top-1 agreement, perplexity) of the student on held-out teacher samples."""
     device = device or torch.device("cpu")
     items = [it for it in (_sample_item(s, max_len) for s in samples) if it is not None]
+    head = restricted_head(model)
     kl_sum = top1 = ce_sum = 0.0
-    n = 0
+    n = n_ce = 0
     for start in range(0, len(items), batch_size):
         batch = collate(items[start : start + batch_size], pad_id).to(device)
-        logits = answer_logits(model, batch.input_ids, batch.positions, autocast).float()  # (N, V)
-        t_log = teacher_buckets(batch.top_logprobs)
-        s_log = student_buckets(logits, batch.top_ids, batch.top_valid)
+        logits = answer_logits(model, batch.input_ids, batch.positions, autocast, compact=True).float()  # (N, V)
+        top_ids, top_logprobs, top_valid, targets = batch.top_ids, batch.top_logprobs, batch.top_valid, batch.targets
+        in_head = torch.ones_like(targets, dtype=torch.bool)
+        if head is not None:  # (N, Nh) logits: ids in head rows
+            on = onto_head(batch, head.token_ids, head.vocab_size)
+            top_ids, top_logprobs, top_valid, targets, in_head = on.top_ids, on.top_logprobs, on.top_valid, \
+                on.targets, on.in_head  # fmt: skip
+        t_log = teacher_buckets(top_logprobs)
+        s_log = student_buckets(logits, top_ids, top_valid)
         kl_sum += float(forward_kl(t_log, s_log).sum())
-        top1 += float((logits.argmax(-1) == batch.top_ids[:, 0]).sum())
-        ce_sum += float(token_cross_entropy(logits, batch.targets).sum())
+        top1 += float(((logits.argmax(-1) == top_ids[:, 0]) & top_valid[:, 0]).sum())
+        ce_sum += float(token_cross_entropy(logits, targets)[in_head].sum())
         n += batch.targets_count
+        n_ce += int(in_head.sum())
     if n == 0:
         return None, None, None
-    return kl_sum / n, top1 / n, math.exp(min(ce_sum / n, 50.0))
+    return kl_sum / n, top1 / n, math.exp(min(ce_sum / max(n_ce, 1), 50.0))
 
 
 def greedy_answers(

@@ -31,12 +31,13 @@ from kafka.errors import KafkaError
 from services.common import pb
 from services.common.kafka import DeadLetterWriter, ProtoConsumer, ProtoProducer, Received
 from services.common.models import load_causal_lm, load_tokenizer
+from services.common.outvocab import coverage_of
 from services.common.registry import Checkpoint, Registry
 from services.tasks import parse_checker
-from services.trainer import metrics
-from services.trainer.batching import batch_loss, collate, lr_at
+from services.trainer import metrics, vocab
+from services.trainer.batching import batch_loss, collate, lr_at, restricted_head
 from services.trainer.buffer import SAMPLE, SOURCES, Item, OffsetTracker, Replay, ReplayBuffer, resume_state
-from services.trainer.calibration import collect_calibration, needs_calibration
+from services.trainer.calibration import collect_calibration, needs_calibration, sequences
 from services.trainer.checkpoint import (
     ResumePoint,
     checkpoint_event,
@@ -158,17 +159,26 @@ class TrainingRun:
         # The student keeps the teacher's tokenizer: the intake can read samples before the student exists.
         self.tokenizer = load_tokenizer(folder if resume is not None else self.teacher_dir)
         self._open_intake(resume)
+        coverage = self.spec.student.output_vocab_coverage
+        first: list[Item] = []
         if resume is None:
-            calibration = None
-            if needs_calibration(self.spec.student, self.teacher_config):
-                calibration = collect_calibration(self.intake, self.buffer, self._calibration_count(), self.stop,
-                                                  self._publish_idle, idle_s=self.settings.batch_wait_s)  # fmt: skip
-                if calibration is None:
+            calibration = output_vocab = None
+            if needs_calibration(self.spec.student, self.teacher_config) or coverage > 0:
+                found = collect_calibration(self.intake, self.buffer, self._calibration_count(), self.stop,
+                                            self._publish_idle, idle_s=self.settings.batch_wait_s)  # fmt: skip
+                if found is None:
                     return None, False
-            make_student(self.teacher_dir, self.spec.student, folder, calibration, seed=self.spec.seed)
+                first = found
+                if needs_calibration(self.spec.student, self.teacher_config):
+                    calibration = sequences(first)
+            if coverage > 0:
+                output_vocab = vocab.choose(first, self.tokenizer, coverage, self._vocab_size()).token_ids
+            make_student(self.teacher_dir, self.spec.student, folder, calibration, seed=self.spec.seed,
+                         output_vocab=output_vocab)  # fmt: skip
         self.tokenizer_dir = folder
         self.model = load_causal_lm(folder, dtype=torch.float32).to(self.device)
         self.model.train()
+        self._record_output_vocab(resume, first)
         # A compiled view of the decoder for training steps; it shares the parameters, so checkpoints and the
         # (eager) evaluation see the same weights.
         self.body = torch.compile(self.model.model, dynamic=True) if self.settings.compile else None
@@ -195,6 +205,27 @@ class TrainingRun:
     def _calibration_count(self) -> int:
         return self.spec.student.pruned.calibration_samples or self.settings.calibration_samples
 
+    def _vocab_size(self) -> int:
+        return int(self.teacher_config.get("vocab_size") or len(self.tokenizer))
+
+    def _record_output_vocab(self, resume: ResumePoint | None, first: list[Item]) -> None:
+        """A restricted head's size and its coverage of the selection samples' answer tokens (kept in every
+        checkpoint's metrics, so a resumed run reports the figures of the run start that chose the head)."""
+        self.output_vocab: dict[str, float] = {}
+        head = restricted_head(self.model)
+        if head is None:
+            return
+        self.output_vocab["output_vocab_size"] = float(head.token_ids.numel())
+        if resume is not None:
+            stored = resume.checkpoint.manifest.metrics.get("output_vocab_coverage")
+            if stored is not None:
+                self.output_vocab["output_vocab_coverage"] = float(stored)
+            self.progress.tokens_outside_head = int(resume.checkpoint.manifest.metrics.get("tokens_outside_head", 0))
+        elif first:
+            answers = vocab.answer_counts(first)
+            self.output_vocab["output_vocab_coverage"] = coverage_of(head.token_ids.tolist(), answers)
+        logger.info("restricted output vocabulary", extra={"run_id": self.spec.run_id, **self.output_vocab})
+
     @property
     def teacher_config(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.teacher_dir / "config.json").read_text())
@@ -210,7 +241,7 @@ class TrainingRun:
         listener = SeekOnAssign(offsets)
         # Token ids are checked against the embedding they will index (the vocabulary is never pruned): an id past
         # it is a dead letter, not an IndexError that fails every run re-reading the topic.
-        vocab_size = int(self.teacher_config.get("vocab_size") or len(self.tokenizer))
+        vocab_size = self._vocab_size()
         self.consumer: ProtoConsumer[pb.common.TeacherSample] = ProtoConsumer(
             self.settings.kafka,
             self.topic,
@@ -317,7 +348,7 @@ class TrainingRun:
         totals: dict[str, float] = {}
         source_loss: dict[str, float] = {}
         source_tokens: dict[str, int] = {}
-        loss_sum, targets, tokens, micro = 0.0, 0, 0, 0
+        loss_sum, targets, tokens, micro, outside = 0.0, 0, 0, 0, 0
         trained: list[Item] = []
         while micro < s.grad_accum_steps:
             items = self._next_items(s.batch_size)
@@ -332,7 +363,7 @@ class TrainingRun:
                     self.optimizer.zero_grad(set_to_none=True)
                     for acc in (totals, source_loss, source_tokens):
                         acc.clear()
-                    loss_sum, targets, tokens, micro = 0.0, 0, 0, 0
+                    loss_sum, targets, tokens, micro, outside = 0.0, 0, 0, 0, 0
                 continue
             trained += items
             micro += 1
@@ -344,6 +375,7 @@ class TrainingRun:
                 source_tokens[name] = source_tokens.get(name, 0) + out.source_tokens[name]
             targets += out.targets
             tokens += out.tokens
+            outside += out.outside_head
             first_use = sum(1 for it in items if it.kind == SAMPLE and it.uses == 1)
             metrics.SAMPLES.labels("trained").inc(first_use)
         if micro == 0:
@@ -364,6 +396,7 @@ class TrainingRun:
         rate = sum(t for _, t in self._window) / max(1e-9, sum(e for e, _ in self._window))
         components = {k: v / micro for k, v in totals.items()}
         self._record_sources(source_loss, source_tokens)
+        self.progress.tokens_outside_head += outside
         self._record_step(loss_sum / micro, components, targets, rate, lr)
         return micro == s.grad_accum_steps or not self.stop.is_set()
 
@@ -381,7 +414,7 @@ class TrainingRun:
         except Exception as exc:
             return Micro(failure=exc, backward=backward)
         return Micro(float(out.loss.detach()), out.parts, out.source_loss, out.source_tokens, batch.targets_count,
-                     batch.tokens)  # fmt: skip
+                     batch.tokens, outside_head=out.outside_head)  # fmt: skip
 
     def _quarantine(self, items: list[Item], exc: Exception) -> None:
         """Dead-letters the records of a micro-batch whose step raised and drops its items (their records are done,
@@ -484,7 +517,8 @@ class TrainingRun:
     def _checkpoint(self, evaluate_first: bool) -> Checkpoint:
         result = EvalResult()
         metric = gate_metric(self.spec)
-        if evaluate_first and self._held_out_ready():
+        evaluated = evaluate_first and self._held_out_ready()
+        if evaluated:
             started = time.monotonic()
             result = evaluate(self.model, self.tokenizer, self.evalset, self.spec, self.device, self.autocast)
             logger.info(
@@ -499,6 +533,13 @@ class TrainingRun:
                 metrics.GATE_SCORE.labels(metric).set(result.metrics()[metric])
             self.progress.last_eval.CopyFrom(result.to_proto(self.step, metric))
         scores = {**result.metrics(), "loss": self.progress.loss, "tokens_trained": float(self.progress.tokens_trained)}
+        head = restricted_head(self.model)
+        if head is not None:
+            scores.update(self.output_vocab)
+            scores["tokens_outside_head"] = float(self.progress.tokens_outside_head)
+            held = vocab.heldout_coverage(head.token_ids.tolist(), self.evalset.samples) if evaluated else None
+            if held is not None:  # the held-out teacher answers are in
+                scores["output_vocab_heldout_coverage"] = held
         offsets = {str(p): o for p, o in self.tracker.safe_offsets().items()}
         teacher = self.intake.teacher or {"model": self.teacher_dir.name}
         ckpt = write_checkpoint(

@@ -185,7 +185,8 @@ class LossInputs:
     Off-policy teacher-sample positions (Nt): `t_logits` (Nt, V), `top_ids` / `top_logprobs` (Nt, K), `top_valid`
     (Nt, K), `sampled` (Nt,) the sample's token, `t_weights` (Nt,). Reference-answer positions (Nr): `r_logits`
     (Nr, V), `r_targets` (Nr,), `r_weights` (Nr,). Scored student completions (No, on-policy): `o_logits` (No, V),
-    `o_top_ids` / `o_top_logprobs` / `o_top_valid` (No, K), `o_weights` (No,); empty by default.
+    `o_top_ids` / `o_top_logprobs` / `o_top_valid` (No, K), `o_weights` (No,); empty by default. With a restricted
+    output vocabulary V is its N head rows and every id is a head row (`batching.onto_head`).
     """
 
     t_logits: Tensor
@@ -202,6 +203,10 @@ class LossInputs:
     o_top_logprobs: Tensor | None = None
     o_top_valid: Tensor | None = None
     o_weights: Tensor | None = None
+    #: A restricted output vocabulary: whether each target has a head row, (Nt,) and (Nr,) bool. A target without
+    #: one contributes 0 to its cross-entropy term (it still counts in the term's mean: see `distillation_loss`).
+    sampled_in_head: Tensor | None = None
+    r_in_head: Tensor | None = None
 
 
 def _divergences(
@@ -224,6 +229,12 @@ def _divergences(
     return out
 
 
+def _masked(values: Tensor, keep: Tensor | None) -> Tensor:
+    """`values` (N,) with 0 where `keep` (N,) is False: a target the student has no output row for has no
+    log-probability to raise. Kept in the mean's count, so the ranks of a data-parallel batch need no extra count."""
+    return values if keep is None else values.masked_fill(~keep, 0.0)
+
+
 def distillation_loss(
     w: LossWeights, x: LossInputs, on_policy: LossWeights | None = None, counts: tuple[int, int, int] | None = None
 ) -> tuple[Tensor, dict[str, float], Tensor]:
@@ -240,9 +251,9 @@ def distillation_loss(
     values: dict[str, Tensor] = {}  # term → per-position values (unweighted)
     values.update(_divergences(w, x.t_logits, x.top_ids, x.top_logprobs, x.top_valid))
     if w.cross_entropy > 0 and x.t_logits.shape[0] > 0:
-        values["cross_entropy"] = token_cross_entropy(x.t_logits, x.sampled)
+        values["cross_entropy"] = _masked(token_cross_entropy(x.t_logits, x.sampled), x.sampled_in_head)
     if w.reference_ce > 0 and x.r_logits.shape[0] > 0:
-        values["reference_ce"] = token_cross_entropy(x.r_logits, x.r_targets)
+        values["reference_ce"] = _masked(token_cross_entropy(x.r_logits, x.r_targets), x.r_in_head)
     o_logits = x.o_logits if x.o_logits is not None else x.t_logits[:0]
     if o_logits.shape[0] > 0:
         assert x.o_top_ids is not None and x.o_top_logprobs is not None and x.o_top_valid is not None

@@ -54,6 +54,7 @@ class Micro:
     tokens: int = 0
     failure: Exception | None = None
     backward: bool = False  # a backward had begun when it failed (partial gradients to drop)
+    outside_head: int = 0  # target tokens a restricted output vocabulary has no row for
 
 
 @dataclass
@@ -227,13 +228,14 @@ class DataParallel:
             return out
         out.loss = float(step.loss.detach())
         out.parts, out.source_loss, out.source_tokens = step.parts, step.source_loss, step.source_tokens
+        out.outside_head = step.outside_head
         return out
 
     def _reduce(self, local: Micro) -> Micro:
         """Sums the ranks' results; every rank learns whether the micro-batch failed anywhere."""
         started = time.perf_counter()
         w, p, s = self.world, len(PARTS), len(SOURCES)
-        v = torch.zeros(w + 2 + 2 * p + 2 * s, dtype=torch.float64)
+        v = torch.zeros(w + 2 + 2 * p + 2 * s + 1, dtype=torch.float64)
         v[self.rank] = float(local.failure is not None)
         v[w] = float(local.backward and local.failure is not None)
         v[w + 1] = local.loss
@@ -245,6 +247,7 @@ class DataParallel:
         for i, name in enumerate(SOURCES):
             v[base + i] = local.source_loss.get(name, 0.0)
             v[base + s + i] = local.source_tokens.get(name, 0)
+        v[-1] = local.outside_head
         v = v.to(self.comm)
         self._collective(dist.all_reduce, v)
         v = v.cpu()
@@ -262,6 +265,7 @@ class DataParallel:
             parts={name: float(v[w + 2 + i]) for i, name in enumerate(PARTS) if v[w + 2 + p + i] > 0},
             source_loss={name: float(v[base + i]) for i, name in enumerate(SOURCES) if v[base + s + i] > 0},
             source_tokens={name: int(v[base + s + i]) for i, name in enumerate(SOURCES) if v[base + s + i] > 0},
+            outside_head=int(v[-1]),
         )
 
     def _apply(self, lr: float, max_grad_norm: float) -> None:

@@ -20,6 +20,7 @@ LOWER_IS_BETTER = frozenset({"kl", "perplexity"})
 DEFAULT_TASK = "default"
 
 DEFAULT_STUDENT_RECIPE = pb.trainer.StudentRecipe(
+    # output_vocab_coverage=0.99 here would give the default student a task-restricted output vocabulary.
     pruned=pb.trainer.PrunedStudent(
         num_layers=6,
         layer_selection=pb.trainer.LAYER_SELECTION_IMPORTANCE,
@@ -159,7 +160,9 @@ def with_defaults(spec: pb.trainer.RunSpec, teacher_config: dict[str, Any] | Non
     if not out.task:
         out.task = DEFAULT_TASK
     if out.student.WhichOneof("source") is None:
+        coverage = out.student.output_vocab_coverage  # a recipe may give only this: the default student, trimmed
         out.student.CopyFrom(student_for(teacher_config))
+        out.student.output_vocab_coverage = coverage
     weights = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "cross_entropy", "reference_ce")
     if not out.HasField("loss") or all(getattr(out.loss, w) == 0 for w in weights):
         for w in weights:

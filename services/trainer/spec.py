@@ -12,7 +12,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from services.common import pb
+from services.common import outvocab, pb
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.registry import CheckpointError, Registry, uri_for, verify
 from services.tasks import CheckerError, parse_checker
@@ -64,13 +64,16 @@ def check_memory(spec: pb.trainer.RunSpec, teacher_config: dict[str, Any], memor
         return  # its size is bounded by what this trainer wrote
     want = spec.student.config if source == "config" else spec.student.pruned
     shape = resolve_shape(config, want, field=f"spec.student.{source or 'pruned'}")
+    vocab = int(teacher_config.get("vocab_size", 32000))
+    # A restricted output vocabulary's N rows are chosen from the run's first samples, after this check: N ≤ the
+    # vocabulary bounds both its own (untied) head and the width of the logits the losses see.
+    head_rows = vocab if spec.student.output_vocab_coverage > 0 else 0
     student = budget.parameters(teacher_config, shape.num_layers, shape.hidden_size, shape.intermediate_size,
-                                shape.num_attention_heads, shape.num_key_value_heads)  # fmt: skip
+                                shape.num_attention_heads, shape.num_key_value_heads, head_rows)  # fmt: skip
     teacher = budget.parameters(teacher_config, config.num_hidden_layers, config.hidden_size, config.intermediate_size,
                                 config.num_attention_heads, config.num_key_value_heads)  # fmt: skip
     s = spec.schedule
-    need = budget.run_bytes(student, teacher, int(teacher_config.get("vocab_size", 32000)), s.batch_size,
-                            s.max_seq_len)  # fmt: skip
+    need = budget.run_bytes(student, teacher, head_rows or vocab, s.batch_size, s.max_seq_len)
     if need > memory_bytes:
         raise ResourceExhausted(
             f"spec: this run needs about {need / 2**30:.1f} GiB (student {student:,} parameters, batch_size "
@@ -169,16 +172,21 @@ def _validate_student(
     recipe: pb.trainer.StudentRecipe, teacher_config: dict[str, Any] | None, registry: Registry | None
 ) -> None:
     source = recipe.WhichOneof("source")
+    _range("spec.student.output_vocab_coverage", recipe.output_vocab_coverage, 0.0, 1.0)
     if source == "init_checkpoint":
         # A caller names a checkpoint this trainer's registry holds, never a path elsewhere on the machine.
         field = "spec.student.init_checkpoint"
         if registry is None:
             raise InvalidArgument(field, recipe.init_checkpoint, "this trainer has no registry to continue from")
         try:
-            recipe.init_checkpoint = uri_for(verify(registry.locate(recipe.init_checkpoint, field)).path)
+            path = verify(registry.locate(recipe.init_checkpoint, field)).path
         except CheckpointError as exc:
             raise InvalidArgument(field, recipe.init_checkpoint, str(exc).split(": ", 1)[-1]) from exc
+        recipe.init_checkpoint = uri_for(path)
+        _check_output_vocab(recipe, json.loads((path / "config.json").read_text()))
         return
+    if teacher_config is not None:
+        _check_output_vocab(recipe, teacher_config)
     if source == "pruned" and recipe.pruned.layer_selection not in pb.trainer.LayerSelection.values():
         raise InvalidArgument("spec.student.pruned.layer_selection", recipe.pruned.layer_selection,
                               f"must be one of {list(pb.trainer.LayerSelection.keys())}")  # fmt: skip
@@ -193,6 +201,17 @@ def _validate_student(
         resolve_shape(config, recipe.config, field="spec.student.config")
     else:
         resolve_shape(config, recipe.pruned, field="spec.student.pruned")
+
+
+def _check_output_vocab(recipe: pb.trainer.StudentRecipe, config: dict[str, Any]) -> None:
+    """A restricted output vocabulary only for a student of a family that has one (Llama)."""
+    if recipe.output_vocab_coverage > 0:
+        try:
+            outvocab.check_supported(config)
+        except outvocab.OutputVocabError as exc:
+            raise InvalidArgument(
+                "spec.student.output_vocab_coverage", recipe.output_vocab_coverage, str(exc)
+            ) from None
 
 
 def loss_weights(spec: pb.trainer.RunSpec, on_policy: bool = False) -> LossWeights:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.common import pb
+from services.common import outvocab, pb
 from services.common.errors import InvalidArgument
 from services.common.models import check_safe_folder, load_causal_lm, offline, parameter_count
 from services.common.registry import path_from_uri, verify
@@ -51,13 +51,15 @@ def make_student(
     *,
     seed: int = 0,
     dtype: str = "float32",
+    output_vocab: Sequence[int] | None = None,
 ) -> int:
     """Writes a student as a Hugging Face safetensors folder into `out_dir`; returns its parameter count.
 
     `calibration`: token-id sequences (e.g. the run's own prompts in the teacher's chat format) for activation
     importance; required when the pruned recipe ranks anything by importance (layer_selection=importance or any
     width pruning), all of them are used. `dtype` is the dtype of the saved weights; the trainer keeps float32
-    master weights, so that is the default.
+    master weights, so that is the default. `output_vocab`: token ids the student's LM head keeps (a restricted
+    output vocabulary, `services.common.outvocab`); a checkpoint that already has a restricted head keeps its own.
     """
     offline()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,8 @@ def make_student(
         raise ValueError(f"out_dir={str(out_dir)!r}: must be empty")
     source = recipe.WhichOneof("source")
     if source == "init_checkpoint":
-        return _from_checkpoint(recipe.init_checkpoint, out_dir, dtype)
+        count = _from_checkpoint(recipe.init_checkpoint, out_dir, dtype)
+        return _restrict_head(out_dir, output_vocab) if output_vocab is not None else count
     check_safe_folder(teacher_dir)
     config = pruning.load_config(teacher_dir)
     if source == "config":
@@ -84,9 +87,25 @@ def make_student(
                 "(layer_selection=importance or a narrower width) and needs token-id calibration sequences"
             )
         count = pruning.prune(teacher_dir, shape, selection, calibration, out_dir, dtype=dtype).parameters
+    if output_vocab is not None:
+        count = _restrict_head(out_dir, output_vocab)
     copy_tokenizer(teacher_dir, out_dir)
     logger.info("student written", extra={"dir": str(out_dir), "parameters": count, "shape": shape.__dict__})
     return count
+
+
+def _restrict_head(out_dir: Path, token_ids: Sequence[int]) -> int:
+    """Rewrites the student in `out_dir` with its LM head restricted to `token_ids` (unless it already has a
+    restricted head); returns its parameter count."""
+    if outvocab.is_trimmed(json.loads((out_dir / "config.json").read_text())):
+        return parameter_count(out_dir)
+    model = load_causal_lm(out_dir)
+    trimmed = outvocab.trim_model(model, token_ids)
+    (out_dir / "model.safetensors").unlink()
+    trimmed.save_pretrained(out_dir, safe_serialization=True)
+    logger.info("output vocabulary restricted", extra={"dir": str(out_dir), "rows": len(token_ids),
+                                                       "vocab_size": int(model.config.vocab_size)})  # fmt: skip
+    return sum(p.numel() for p in trimmed.parameters())
 
 
 def _fresh(config: Any, shape: Shape, out_dir: Path, seed: int, dtype: str) -> int:

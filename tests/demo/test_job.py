@@ -112,3 +112,15 @@ def test_a_python_checker_is_found_next_to_the_prompts(tmp_path: Path, monkeypat
     path = _file(tmp_path / "p.jsonl", [*_lines(2), {"id": "e", "prompt": "x", "split": "eval", "reference": "1"}])
     job = load_job(path, profile=SMOKE, recipe=get_recipe("kd"), checker="python:judge_here:ok")
     assert job.checker_modules == ["judge_here"] and job.python_path == [str(tmp_path)]
+
+
+def test_the_student_option_turns_on_a_restricted_output_vocabulary(tmp_path: Path) -> None:
+    """`--student '{"output_vocab_coverage": 0.99}'`: the trainer's default student with a restricted head."""
+    from services.trainer.recipes import DEFAULT_STUDENT_RECIPE, with_defaults
+
+    path = _file(tmp_path / "p.jsonl", [*_lines(3), {"id": "e", "prompt": "x", "split": "eval"}])
+    job = load_job(path, profile=SMOKE, recipe=get_recipe("kd"), student='{"output_vocab_coverage": 0.99}')
+    assert job.student is not None and job.student.output_vocab_coverage == pytest.approx(0.99)
+    spec = with_defaults(pb.trainer.RunSpec(student=job.student))
+    assert spec.student.pruned == DEFAULT_STUDENT_RECIPE.pruned
+    assert spec.student.output_vocab_coverage == pytest.approx(0.99)

@@ -102,3 +102,15 @@ def test_without_a_checker_the_score_is_agreement_with_the_teacher(tmp_path: Pat
     assert (s["metric"], s["teacher_score"], s["student_score"]) == ("teacher_agreement", 1.0, 0.4)
     assert s["score_ratio"] == pytest.approx(0.4) and s["accuracy_ratio"] is None
     assert "agreement with the teacher's answers (no checker)" in (tmp_path / "report.md").read_text()
+
+
+def test_a_restricted_output_vocabulary_is_reported(tmp_path: Path) -> None:
+    """Its rows and coverage figures in the summary and a row of the report's table; absent (None) without one."""
+    assert summary(_result())["output_vocab_size"] is None
+    assert "output vocabulary" not in (write_report(_result(), tmp_path) and (tmp_path / "report.md").read_text())
+    data = write_report(_result(output_vocab_size=4096, output_vocab_coverage=0.995,
+                                output_vocab_heldout_coverage=0.982), tmp_path)  # fmt: skip
+    assert (data["output_vocab_size"], data["output_vocab_coverage"], data["output_vocab_heldout_coverage"]) == (
+        4096, 0.995, 0.982)  # fmt: skip
+    assert "| output vocabulary: rows" in (tmp_path / "report.md").read_text() and "4,096 (0.995 / 0.982)" in (
+        tmp_path / "report.md").read_text()  # fmt: skip

@@ -86,6 +86,7 @@ async def test_status_codes(stub: Any, app: TrainerApp) -> None:
         (accuracy_gate_without_checker, "spec.gate.metric='accuracy': needs a checker"),
         (lambda spec: setattr(spec.on_policy, "fraction", 1.5), "spec.on_policy.fraction"),
         (lambda spec: setattr(spec.on_policy.loss, "cross_entropy", 1.0), "spec.on_policy.loss.cross_entropy"),
+        (lambda spec: setattr(spec.student, "output_vocab_coverage", 1.5), "spec.student.output_vocab_coverage=1.5"),
     ]
     for change, where in invalid:
         bad = tiny_spec()

@@ -37,10 +37,11 @@ def _model(folder: Path) -> tuple[Any, torch.optim.Optimizer]:
     return model, make_optimizer(model, schedule)
 
 
-def _one_rank(folder: Path, items: list[Item]) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """What `TrainingRun` does with one rank: collate, loss / accum, backward per micro-batch; clip and step."""
+def _one_rank(folder: Path, items: list[Item]) -> tuple[list[float], dict[str, torch.Tensor], int]:
+    """What `TrainingRun` does with one rank: collate, loss / accum, backward per micro-batch; clip and step.
+    Also returns the targets a restricted output vocabulary had no row for."""
     model, optimizer = _model(folder)
-    losses = []
+    losses, outside = [], 0
     batch = 2 * PER_RANK
     for step in range(STEPS):
         total = 0.0
@@ -49,13 +50,14 @@ def _one_rank(folder: Path, items: list[Item]) -> tuple[list[float], dict[str, t
             out = batch_loss(model, collate(items[start : start + batch], 0), WEIGHTS, False, None, ON_POLICY)
             (out.loss / ACCUM).backward()
             total += float(out.loss.detach())
+            outside += out.outside_head
         for group in optimizer.param_groups:
             group["lr"] = LR
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total / ACCUM)
-    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
+    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}, outside
 
 
 def _rank(rank: int, port: int, folder: Path, items: list[Item], out: Path) -> None:
@@ -71,7 +73,7 @@ def _rank(rank: int, port: int, folder: Path, items: list[Item], out: Path) -> N
     if rank == 1:
         dp.follow()
     else:
-        losses = []
+        losses, outside = [], 0
         batch = 2 * PER_RANK
         for step in range(STEPS):
             total = 0.0
@@ -80,11 +82,13 @@ def _rank(rank: int, port: int, folder: Path, items: list[Item], out: Path) -> N
                 result = dp.micro(items[start : start + batch], ACCUM)
                 assert result.failure is None, result.failure
                 total += result.loss
+                outside += result.outside_head
             dp.step(LR, CLIP)
             losses.append(total / ACCUM)
         dp.close()
         tensors = {k: v.detach().clone() for k, v in model.named_parameters()}
-        save_file({**tensors, "losses": torch.tensor(losses, dtype=torch.float64)}, str(out))
+        save_file({**tensors, "losses": torch.tensor(losses, dtype=torch.float64), "outside": torch.tensor(outside)},
+                  str(out))  # fmt: skip
     torch.distributed.destroy_process_group()
 
 
@@ -113,17 +117,23 @@ def test_a_packed_slice_comes_back_bit_for_bit() -> None:
 
 
 @pytest.mark.e2e
-def test_two_gloo_ranks_train_the_same_steps_as_one_rank_with_twice_the_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("restricted", [False, True], ids=["full-vocabulary", "restricted-vocabulary"])
+def test_two_gloo_ranks_train_the_same_steps_as_one_rank_with_twice_the_batch(tmp_path: Path, restricted: bool) -> None:
+    from services.common.outvocab import trim_folder
     from services.common.tiny import build_llama
 
     folder = build_llama(tmp_path / "student", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                          intermediate_size=96, vocab_size=512, seed=3, dtype="float32")  # fmt: skip
+    if restricted:  # a head over the even ids: half the targets have no row (masked, and counted by every rank)
+        trim_folder(folder, range(0, 512, 2), tmp_path / "restricted")
+        folder = tmp_path / "restricted"
     items = synthetic_items(512, STEPS * ACCUM * 2 * PER_RANK)  # samples, references, on-policy
     # Each micro-batch's two halves differ in position counts: the global normalization is what makes them add up.
     halves = [slices(items[i : i + 2 * PER_RANK], 2) for i in range(0, len(items), 2 * PER_RANK)]
     assert any(sum(it.targets for it in a) != sum(it.targets for it in b) for a, b in halves)
 
-    expected_losses, expected = _one_rank(folder, items)
+    expected_losses, expected, expected_outside = _one_rank(folder, items)
+    assert (expected_outside > 0) == restricted
 
     ctx = multiprocessing.get_context("spawn")
     port, out = free_port(), tmp_path / "rank0.safetensors"
@@ -141,6 +151,7 @@ def test_two_gloo_ranks_train_the_same_steps_as_one_rank_with_twice_the_batch(tm
                 p.join(30)
     got = load_file(str(out))
     losses = got.pop("losses").tolist()
+    assert int(got.pop("outside")) == expected_outside
     assert losses == pytest.approx(expected_losses, rel=1e-5, abs=1e-6)
     assert losses[0] != pytest.approx(losses[-1], rel=1e-4)  # the steps changed the model
     assert got.keys() == expected.keys()

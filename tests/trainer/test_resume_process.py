@@ -85,11 +85,12 @@ def _wait(predicate, proc: subprocess.Popen[bytes], log: Path, timeout_s: float,
         time.sleep(0.05)
 
 
-def _start_run(port: int, run_id: str, eval_every_steps: int) -> None:
+def _start_run(port: int, run_id: str, eval_every_steps: int, output_vocab_coverage: float = 0.0) -> None:
     """Waits for the trainer service on `port`, then starts an endless tiny run (batches of 4)."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         grpc.channel_ready_future(channel).result(timeout=120)
         spec = tiny_spec(run_id, max_steps=0, eval_every_steps=eval_every_steps, batch_size=4)
+        spec.student.output_vocab_coverage = output_vocab_coverage
         pb.trainer_grpc.TrainerServiceStub(channel).StartRun(pb.trainer.StartRunRequest(spec=spec), timeout=60)
 
 
@@ -123,8 +124,10 @@ def _assert_resumed_exactly(
 
 
 @pytest.mark.e2e
+# A student with a restricted output vocabulary resumes the same way, with the head chosen at its run start.
+@pytest.mark.parametrize("coverage", [0.0, pytest.param(0.9, id="restricted-vocabulary")])
 def test_sigkill_then_restart_resumes_from_the_manifest_offsets_with_no_gap(
-    tiny_teacher: Path, tiny_samples: list, tmp_path: Path, kafka_settings: KafkaSettings
+    tiny_teacher: Path, tiny_samples: list, tmp_path: Path, kafka_settings: KafkaSettings, coverage: float
 ) -> None:
     kafka = kafka_settings
     from services.common.kafka import ensure_topics
@@ -141,7 +144,7 @@ def test_sigkill_then_restart_resumes_from_the_manifest_offsets_with_no_gap(
 
     first = _serve(env, log)
     try:
-        _start_run(port, "killme", eval_every_steps=2)
+        _start_run(port, "killme", eval_every_steps=2, output_vocab_coverage=coverage)
 
         def trained_past_a_checkpoint() -> bool:
             ckpts = registry.checkpoints("killme")
@@ -176,6 +179,12 @@ def test_sigkill_then_restart_resumes_from_the_manifest_offsets_with_no_gap(
     _assert_resumed_exactly(
         _lineage(lineage), first_pid, registry.checkpoints("killme"), kafka.topic_teacher_samples, train, expected_items
     )
+    if coverage:  # every checkpoint, before the kill and after, has the head chosen at the run start
+        heads = {json.loads((c.path / "config.json").read_text())["output_vocab_size"] for c in registry.checkpoints(
+            "killme")}  # fmt: skip
+        sizes = {c.manifest.metrics["output_vocab_size"] for c in registry.checkpoints("killme")}
+        coverages = {c.manifest.metrics["output_vocab_coverage"] for c in registry.checkpoints("killme")}
+        assert len(heads) == 1 and sizes == heads and len(coverages) == 1, (heads, sizes, coverages)
     # The graceful stop left the run RUNNING on disk, to be resumed by the next start.
     state = json.loads((tmp_path / "home" / "trainer" / "runs" / "killme.json").read_text())
     assert state["state"] == "RUN_STATE_RUNNING"

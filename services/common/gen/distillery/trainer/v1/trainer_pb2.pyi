@@ -96,8 +96,15 @@ class StudentRecipe(_message.Message):
     PRUNED_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     INIT_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    OUTPUT_VOCAB_COVERAGE_FIELD_NUMBER: _builtins.int
     init_checkpoint: _builtins.str
     """Continue from a checkpoint directory or registry URI."""
+    output_vocab_coverage: _builtins.float
+    """A task-restricted output vocabulary (services/common/outvocab.py): the student's LM head keeps only the
+    tokens that carry this share of the answer-token and teacher top-k mass of the run's first samples (the
+    calibration samples), plus the tokenizer's special and chat-template tokens. In (0, 1]; 0 (unset) keeps the
+    full vocabulary. A student that already has a restricted head (init_checkpoint) keeps its own.
+    """
     @_builtins.property
     def pruned(self) -> Global___PrunedStudent:
         """Pruned from the teacher's weights (Minitron): depth and/or width."""
@@ -112,10 +119,11 @@ class StudentRecipe(_message.Message):
         pruned: Global___PrunedStudent | None = ...,
         config: Global___StudentShape | None = ...,
         init_checkpoint: _builtins.str = ...,
+        output_vocab_coverage: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "init_checkpoint", b"init_checkpoint", "pruned", b"pruned", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "init_checkpoint", b"init_checkpoint", "pruned", b"pruned", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "init_checkpoint", b"init_checkpoint", "output_vocab_coverage", b"output_vocab_coverage", "pruned", b"pruned", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["pruned", "config", "init_checkpoint"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -850,6 +858,7 @@ class RunProgress(_message.Message):
     ON_POLICY_RECEIVED_FIELD_NUMBER: _builtins.int
     STALE_SAMPLES_FIELD_NUMBER: _builtins.int
     STALE_DROPPED_FIELD_NUMBER: _builtins.int
+    TOKENS_OUTSIDE_HEAD_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     state: Global___RunState.ValueType
     step: _builtins.int
@@ -870,6 +879,10 @@ class RunProgress(_message.Message):
     on_policy_received: _builtins.int
     stale_samples: _builtins.int
     stale_dropped: _builtins.int
+    tokens_outside_head: _builtins.int
+    """Trained target tokens (teacher answers, reference answers) a restricted output vocabulary has no row for: the
+    cross-entropy terms mask them out, the KL terms count their teacher mass in the tail bucket. 0 without one.
+    """
     @_builtins.property
     def loss_components(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
@@ -910,10 +923,11 @@ class RunProgress(_message.Message):
         on_policy_received: _builtins.int = ...,
         stale_samples: _builtins.int = ...,
         stale_dropped: _builtins.int = ...,
+        tokens_outside_head: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_eval", b"last_eval", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lag", b"lag", "last_checkpoint_version", b"last_checkpoint_version", "last_eval", b"last_eval", "learning_rate", b"learning_rate", "loss", b"loss", "loss_by_source", b"loss_by_source", "loss_components", b"loss_components", "max_steps", b"max_steps", "on_policy_received", b"on_policy_received", "on_policy_requested", b"on_policy_requested", "promoted_version", b"promoted_version", "run_id", b"run_id", "samples_dropped", b"samples_dropped", "samples_seen", b"samples_seen", "stale_dropped", b"stale_dropped", "stale_samples", b"stale_samples", "state", b"state", "step", b"step", "tokens_by_source", b"tokens_by_source", "tokens_per_s", b"tokens_per_s", "tokens_trained", b"tokens_trained", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lag", b"lag", "last_checkpoint_version", b"last_checkpoint_version", "last_eval", b"last_eval", "learning_rate", b"learning_rate", "loss", b"loss", "loss_by_source", b"loss_by_source", "loss_components", b"loss_components", "max_steps", b"max_steps", "on_policy_received", b"on_policy_received", "on_policy_requested", b"on_policy_requested", "promoted_version", b"promoted_version", "run_id", b"run_id", "samples_dropped", b"samples_dropped", "samples_seen", b"samples_seen", "stale_dropped", b"stale_dropped", "stale_samples", b"stale_samples", "state", b"state", "step", b"step", "tokens_by_source", b"tokens_by_source", "tokens_outside_head", b"tokens_outside_head", "tokens_per_s", b"tokens_per_s", "tokens_trained", b"tokens_trained", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
