@@ -2,8 +2,8 @@
 
 What the student must be able to write is what its training signal asks of it: the answer tokens of the first
 training items (the teacher's completions, scored references and reference answers) and, at every teacher-sample
-position, the teacher's top-k probability mass (the alternatives the KD losses pull towards), plus the tokens no
-use case may lose: the tokenizer's special tokens and the chat template's (end of turn above all).
+position, the teacher's top-k probability mass (the alternatives the KD losses pull towards); the words of their
+prompts, which answers restate; plus the tokens no use case may lose: the tokenizer's special tokens and the chat template's (end of turn above all).
 `services.common.outvocab.select_output_vocab` keeps the most frequent of them up to the recipe's coverage.
 
 Coverage figures are shares of *answer tokens* (occurrences, not top-k mass), so the one on the selection samples
@@ -72,10 +72,22 @@ def always_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
+def prompt_counts(items: Iterable[Item]) -> Counter[int]:
+    """Occurrences of each prompt token of `items`: answers restate the question's words (names, objects)."""
+    counts: Counter[int] = Counter()
+    for it in items:
+        counts.update(it.input_ids[: it.prompt_len])
+    return counts
+
+
 def choose(items: Sequence[Item], tokenizer: Any, coverage: float, vocab_size: int) -> Choice:
-    """The head of a student trained on items like `items`, at `coverage` of their answer-token + top-k mass."""
+    """The head of a student trained on items like `items`, at `coverage` of their answer-token + top-k mass + their
+    prompts' tokens (a held-out question names things no training answer did; the student must be able to restate
+    them)."""
     answers = answer_counts(items)
     counts: dict[int, float] = {t: float(c) for t, c in answers.items()}
+    for token, n in prompt_counts(items).items():
+        counts[token] = counts.get(token, 0.0) + n
     for token, mass in top_k_mass(items).items():
         counts[token] = counts.get(token, 0.0) + mass
     ids = outvocab.select_output_vocab(counts, vocab_size, coverage, always_ids(tokenizer))
