@@ -3,7 +3,8 @@
 What the student must be able to write is what its training signal asks of it: the answer tokens of the first
 training items (the teacher's completions, scored references and reference answers) and, at every teacher-sample
 position, the teacher's top-k probability mass (the alternatives the KD losses pull towards); the words of their
-prompts, which answers restate; plus the tokens no use case may lose: the tokenizer's special tokens and the chat template's (end of turn above all).
+prompts, which answers restate; plus the tokens no use case may lose: the tokenizer's special tokens and the chat
+template's (end of turn above all).
 `services.common.outvocab.select_output_vocab` keeps the most frequent of them up to the recipe's coverage.
 
 Coverage figures are shares of *answer tokens* (occurrences, not top-k mass), so the one on the selection samples
