@@ -74,9 +74,10 @@ def demo(
     json_output: JsonOption = False,
     run_dir: RunDirOption = None,
     machine_price_per_hour: PriceOption = 0.10,
+    student: Annotated[str | None, typer.Option(help=STUDENT_HELP)] = None,
 ) -> None:
     """`distillery distil` on the default built-in use case (`distillery tasks list`), exported into the run folder."""
-    from services.demo.job import load_job
+    from services.demo.job import JobError, load_job
     from services.demo.profiles import get_profile, get_recipe
     from services.tasks.builtin import DEFAULT_TASK, get_builtin
     from services.tasks.dataset import write_examples
@@ -91,8 +92,11 @@ def demo(
     train = max(chosen.generate_prompts, chosen.best_generated + chosen.score_prompts)
     path = folder / f"{task.name}.jsonl"
     write_examples(path, task.generate(train, chosen.eval_prompts, chosen.seed))
-    job = load_job(path, profile=chosen, recipe=how, checker=task.checker, held_out=task.held_out, name=task.name,
-                   on_policy_fraction=on_policy_fraction)  # fmt: skip
+    try:
+        job = load_job(path, profile=chosen, recipe=how, checker=task.checker, held_out=task.held_out, name=task.name,
+                       on_policy_fraction=on_policy_fraction, student=student)  # fmt: skip
+    except (JobError, ValueError) as exc:
+        _refuse(console, exc)
     _run(job, console, json_output, folder, machine_price_per_hour)
 
 
