@@ -67,9 +67,12 @@ async def test_full_to_trimmed_starts_an_engine_that_only_emits_head_ids(
     await served.app.swapper.wait_idle()
     _, full_tokens = await generated(served, 64, temperature=1.0)
     assert not set(full_tokens) <= set(EVEN)  # the full student does emit ids outside the head
+    before = served.app.holder.current
     ckpt = register(served.registry, trimmed["even"])
     reply = await served.stub.LoadModel(pb.serving.LoadModelRequest(registry_uri=ckpt.uri))
     assert reply.model.version == ckpt.version
+    after = served.app.holder.current
+    assert not after.model.swappable_with(before.model) and after.engine is not before.engine  # a new engine
     version, sampled = await generated(served, 96, temperature=1.0)
     assert version == ckpt.version and len(sampled) == 96
     assert set(sampled) <= set(EVEN)
