@@ -1,11 +1,10 @@
 """A student with and without a restricted output vocabulary, through vLLM directly: N, coverage, tokens/s.
 
 `python -m services.bench.output_vocab STUDENT_DIR WORK_DIR` copies a full-vocabulary student folder into WORK_DIR,
-chooses its output vocabulary from the default use case's prompts and references in the chat template (plus the
-tokenizer's special tokens; `select_output_vocab` at `--coverage`), trims a copy (`trim_folder`), times the logits
-scatter with and without the sampler's float32 copy, then runs one
-offline engine per model (eager, each in a child process of its own) and alternates greedy `ignore_eos` batches
-between them. Prints one JSON object last.
+trims a copy with the benchmarks' restricted head (`services/bench/students.py`: the default use case's questions
+and worked references in the chat template plus the special tokens, at `--coverage`), times the logits scatter with
+and without the sampler's float32 copy, then runs one offline engine per model (eager, each in a child process of its
+own) and alternates greedy `ignore_eos` batches between them. Prints one JSON object last.
 """
 
 from __future__ import annotations
@@ -16,22 +15,15 @@ import multiprocessing as mp
 import shutil
 import statistics
 import time
-from collections import Counter
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-#: Examples the vocabulary is counted on, and examples (another seed) its coverage is checked on.
-COUNTED, HELD_OUT = 2000, 500
 
-
-def chat_ids(tokenizer: Any, example: Any, with_reference: bool) -> list[int]:
-    """An example's prompt (with its reference as the assistant turn, or the turn opened) in the chat template."""
-    chat = list(example.content.chat())
-    if with_reference:
-        chat.append({"role": "assistant", "content": example.reference or ""})
-    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=not with_reference)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+def prompt_ids(tokenizer: Any, chat: list[dict[str, str]]) -> list[int]:
+    """A question in the chat template with the assistant's turn opened."""
+    out = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+    return [int(t) for t in (out if isinstance(out, list) else out["input_ids"])]
 
 
 def _engine(folder: str, max_tokens: int, conn: Connection) -> None:
@@ -52,7 +44,7 @@ def _engine(folder: str, max_tokens: int, conn: Connection) -> None:
             conn.send((sum(len(o.outputs[0].token_ids) for o in outs), seconds, ids))
 
 
-def logits_return_cost(ids: list[int], vocab_size: int, sizes: list[int], calls: int = 200) -> dict[str, float]:
+def logits_return_cost(ids: list[int], vocab_size: int, sizes: list[int], calls: int = 100) -> dict[str, float]:
     """Microseconds per call of the scatter in `compute_logits` plus the sampler's float32 conversion, with bf16 head
     logits (an engine on a CPU with native bf16): scattered into a bf16 tensor that the sampler then copies to
     float32, or scattered into float32 directly (what `outvocab_vllm.scatter_logits` does; the sampler's `.to` is
@@ -60,8 +52,8 @@ def logits_return_cost(ids: list[int], vocab_size: int, sizes: list[int], calls:
     import torch
 
     index = torch.tensor(ids)
-    out = {}
-    for _ in range(2):  # the first pass warms up (its first calls in a process were 10x slower)
+    runs: dict[str, list[float]] = {}
+    for _ in range(5):  # the median of 5 passes: the first calls in a process were 10x slower, and neighbours spike
         for size in sizes:
             head = torch.randn(size, len(ids), dtype=torch.bfloat16)
             for name, dtype in (("bf16_then_copy", torch.bfloat16), ("float32_direct", torch.float32)):
@@ -70,31 +62,8 @@ def logits_return_cost(ids: list[int], vocab_size: int, sizes: list[int], calls:
                     full = torch.full((size, vocab_size), float("-inf"), dtype=dtype)
                     full[:, index] = head.to(dtype)
                     full.to(torch.float32)  # the sampler's conversion: a copy for bf16, a no-op for float32
-                out[f"{name}_{size}_us"] = round((time.perf_counter() - started) / calls * 1e6, 1)
-    return out
-
-
-def choose(full: Path, coverage: float) -> tuple[list[int], dict[str, Any]]:
-    """The output vocabulary of the default use case for `full`'s tokenizer, and how much it covers."""
-    from services.common.models import load_tokenizer
-    from services.common.outvocab import coverage_of, select_output_vocab
-    from services.tasks.builtin import default_prompts
-
-    tokenizer = load_tokenizer(full)
-    vocab_size = int(json.loads((full / "config.json").read_text())["vocab_size"])
-    counts = Counter(t for e in default_prompts(COUNTED, seed=7) for t in chat_ids(tokenizer, e, True))
-    ids = select_output_vocab(counts, vocab_size, coverage, always=tokenizer.all_special_ids)
-    held_out = default_prompts(HELD_OUT, seed=99)
-    chats = Counter(t for e in held_out for t in chat_ids(tokenizer, e, True))
-    references = Counter(t for e in held_out for t in tokenizer.encode(e.reference or "", add_special_tokens=False))
-    return ids, {
-        "vocab_size": vocab_size,
-        "distinct_tokens_counted": len(counts),
-        "output_vocab_size": len(ids),
-        "coverage_counted": round(coverage_of(ids, counts), 5),
-        "coverage_held_out_chats": round(coverage_of(ids, chats), 5),
-        "coverage_held_out_references": round(coverage_of(ids, references), 5),
-    }
+                runs.setdefault(f"{name}_{size}_us", []).append((time.perf_counter() - started) / calls * 1e6)
+    return {key: round(statistics.median(values), 1) for key, values in runs.items()}
 
 
 def main() -> None:
@@ -107,23 +76,24 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
 
-    from services.common.models import parameter_count
-    from services.common.outvocab import trim_folder
+    from services.bench.students import output_vocab_info, trimmed_student
+    from services.common.models import load_tokenizer, parameter_count
+    from services.common.outvocab_vllm import stored_token_ids
     from services.tasks.builtin import default_prompts
 
-    full, trimmed = args.work / "full", args.work / "trimmed"
-    for folder in (full, trimmed):
-        if folder.exists():
-            shutil.rmtree(folder)
+    full = args.work / "full"
+    if full.exists():
+        shutil.rmtree(full)
     shutil.copytree(args.student, full)
-    ids, result = choose(full, args.coverage)
-    result["parameters"] = {"full": parameter_count(full), "trimmed": trim_folder(full, ids, trimmed)}
-    result["logits_return_us"] = logits_return_cost(ids, result["vocab_size"], args.sizes)
-
-    from services.common.models import load_tokenizer
+    trimmed = trimmed_student(args.work, full, args.coverage)  # cached in WORK_DIR by coverage
+    ids = stored_token_ids(trimmed)
+    assert ids is not None
+    vocab_size = int(json.loads((full / "config.json").read_text())["vocab_size"])
+    result: dict[str, Any] = {"output_vocab": output_vocab_info(trimmed), "parameters_full": parameter_count(full)}
+    result["logits_return_us"] = logits_return_cost(ids.tolist(), vocab_size, args.sizes)
 
     tokenizer = load_tokenizer(full)
-    prompts = [chat_ids(tokenizer, e, False) for e in default_prompts(max(args.sizes), seed=4321)]
+    prompts = [prompt_ids(tokenizer, e.content.chat()) for e in default_prompts(max(args.sizes), seed=4321)]
     ctx = mp.get_context("spawn")
     engines: dict[str, tuple[Any, Connection]] = {}
     try:
@@ -137,7 +107,7 @@ def main() -> None:
             conn.send(prompts[:8])
             conn.recv()
         rates: dict[str, list[float]] = {}
-        head = set(ids)
+        head = set(ids.tolist())
         for repeat in range(args.repeats):
             for size in args.sizes:
                 for name in ("full", "trimmed") if repeat % 2 == 0 else ("trimmed", "full"):
