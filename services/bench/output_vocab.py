@@ -3,8 +3,8 @@
 `python -m services.bench.output_vocab STUDENT_DIR WORK_DIR` copies a full-vocabulary student folder into WORK_DIR,
 trims a copy with the benchmarks' restricted head (`services/bench/students.py`: the default use case's questions
 and worked references in the chat template plus the special tokens, at `--coverage`), times the logits scatter with
-and without the sampler's float32 copy, then runs one offline engine per model (eager, each in a child process of its
-own) and alternates greedy `ignore_eos` batches between them. Prints one JSON object last.
+and without the sampler's float32 copy, then runs one offline engine per model (eager unless `--compile`, each in a
+child process of its own) and alternates greedy `ignore_eos` batches between them. Prints one JSON object last.
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ def prompt_ids(tokenizer: Any, chat: list[dict[str, str]]) -> list[int]:
     return [int(t) for t in (out if isinstance(out, list) else out["input_ids"])]
 
 
-def _engine(folder: str, max_tokens: int, conn: Connection) -> None:
+def _engine(folder: str, max_tokens: int, compile_model: bool, conn: Connection) -> None:
     """Child process: one offline engine; answers each batch of prompts with (tokens, seconds, distinct ids)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from services.common.vllm_engine import VllmSettings, offline_llm
 
-    with offline_llm(Path(folder), VllmSettings(enforce_eager=True, max_num_seqs=128)) as llm:
+    settings = VllmSettings(enforce_eager=not compile_model, max_num_seqs=128)
+    with offline_llm(Path(folder), settings) as llm:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         conn.send(str(llm.llm_engine.model_config.dtype))
         while (batch := conn.recv()) is not None:
@@ -42,6 +43,17 @@ def _engine(folder: str, max_tokens: int, conn: Connection) -> None:
             seconds = time.perf_counter() - started
             ids = sorted({t for o in outs for t in o.outputs[0].token_ids})
             conn.send((sum(len(o.outputs[0].token_ids) for o in outs), seconds, ids))
+
+
+def _scatter_then_convert(head: Any, index: Any, vocab_size: int, dtype: Any) -> None:
+    """One step's logits: scattered in `dtype`, then converted as the sampler does (a copy for bf16, a no-op for
+    float32). A function, so that its tensors are freed before the next call as an engine step's are (a loop that
+    keeps the previous step's tensor alive while allocating the next measured 6x slower: fresh pages every call)."""
+    import torch
+
+    full = torch.full((head.shape[0], vocab_size), float("-inf"), dtype=dtype)
+    full[:, index] = head.to(dtype)
+    full.to(torch.float32)
 
 
 def logits_return_cost(ids: list[int], vocab_size: int, sizes: list[int], calls: int = 100) -> dict[str, float]:
@@ -59,9 +71,7 @@ def logits_return_cost(ids: list[int], vocab_size: int, sizes: list[int], calls:
             for name, dtype in (("bf16_then_copy", torch.bfloat16), ("float32_direct", torch.float32)):
                 started = time.perf_counter()
                 for _ in range(calls):
-                    full = torch.full((size, vocab_size), float("-inf"), dtype=dtype)
-                    full[:, index] = head.to(dtype)
-                    full.to(torch.float32)  # the sampler's conversion: a copy for bf16, a no-op for float32
+                    _scatter_then_convert(head, index, vocab_size, dtype)
                 runs.setdefault(f"{name}_{size}_us", []).append((time.perf_counter() - started) / calls * 1e6)
     return {key: round(statistics.median(values), 1) for key, values in runs.items()}
 
@@ -74,6 +84,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="prompts per batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the engines (default: eager)")
     args = parser.parse_args()
 
     from services.bench.students import output_vocab_info, trimmed_student
@@ -99,7 +110,7 @@ def main() -> None:
     try:
         for name, folder in (("full", full), ("trimmed", trimmed)):
             conn, child = ctx.Pipe()
-            proc = ctx.Process(target=_engine, args=(str(folder), args.max_tokens, child), daemon=True)
+            proc = ctx.Process(target=_engine, args=(str(folder), args.max_tokens, args.compile, child), daemon=True)
             proc.start()
             engines[name] = (proc, conn)
             result[f"dtype_{name}"] = conn.recv()
