@@ -59,6 +59,49 @@ def check_token_ids(token_ids: Tensor, vocab_size: int) -> None:
         raise OutputVocabError(f"{TOKEN_IDS}: ids must be strictly ascending (no repeats)")
 
 
+def check_folder(folder: Path) -> int | None:
+    """Checks a model folder's restricted output vocabulary without loading the model (its config.json and the
+    safetensors headers, plus the id map itself); returns N, or None for a full-vocabulary model. Raises
+    OutputVocabError naming what is malformed: what an engine would refuse, found before one is touched."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise OutputVocabError(f"config.json is unreadable: {exc}") from exc
+    if not is_trimmed(config):
+        return None
+    rows = config.get(CONFIG_KEY)
+    if not isinstance(rows, int) or rows < 1:
+        raise OutputVocabError(f"config.{CONFIG_KEY}={rows!r}: must be a positive row count")
+    if ARCHITECTURE not in (config.get("architectures") or []):
+        raise OutputVocabError(f"config.{CONFIG_KEY} is set but config.architectures is {config.get('architectures')}")
+    check_supported(config)
+    found: dict[str, Any] = {}
+    try:
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if name == TOKEN_IDS:
+                        found[name] = handle.get_tensor(name)
+                    elif name == "lm_head.weight":
+                        found[name] = tuple(handle.get_slice(name).get_shape())
+    except (OSError, SafetensorError) as exc:
+        raise OutputVocabError(f"the weights are unreadable: {exc}") from exc
+    if TOKEN_IDS not in found:
+        raise OutputVocabError(f"config.{CONFIG_KEY} is set but the weights have no {TOKEN_IDS}")
+    token_ids = found[TOKEN_IDS]
+    check_token_ids(token_ids, int(config["vocab_size"]))
+    if token_ids.numel() != rows:
+        raise OutputVocabError(f"config.{CONFIG_KEY}={rows} but {TOKEN_IDS} has {token_ids.numel()} ids")
+    shape = found.get("lm_head.weight")
+    if shape is None or shape[0] != rows:
+        raise OutputVocabError(f"lm_head.weight has shape {shape}: config.{CONFIG_KEY} says {rows} rows")
+    return rows
+
+
 def select_output_vocab(
     counts: Mapping[int, float],
     vocab_size: int,

@@ -111,8 +111,18 @@ def engine_dtype(setting: str) -> str:
     return "bfloat16" if torch.cuda.is_available() or native_bf16() else "float32"
 
 
+def register_models() -> None:
+    """Registers the project's own model classes with vLLM in this process (idempotent; see `outvocab_vllm`). Call it
+    after `configure_env`: it imports vLLM."""
+    from services.common.outvocab_vllm import register
+
+    register()
+
+
 def engine_kwargs(model_dir: Path, settings: VllmSettings, **overrides: Any) -> dict[str, Any]:
-    """Engine keyword arguments for a local safetensors folder: offline, no remote code (`vllm.LLM(**kwargs)`)."""
+    """Engine keyword arguments for a local safetensors folder: offline, no remote code (`vllm.LLM(**kwargs)`; call
+    `register_models()` first where the folder may hold one of the project's own architectures, as `offline_llm` and
+    `engine_args` do)."""
     configure_env(settings)
     enable_amx()  # an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) runs its kernels in this process
     kwargs: dict[str, Any] = dict(
@@ -138,6 +148,7 @@ def engine_kwargs(model_dir: Path, settings: VllmSettings, **overrides: Any) -> 
 def engine_args(model_dir: Path, settings: VllmSettings, **overrides: Any) -> Any:
     """`AsyncEngineArgs` for a local safetensors model folder: offline, no remote code."""
     kwargs = engine_kwargs(model_dir, settings, **overrides)
+    register_models()
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return AsyncEngineArgs(**kwargs)
@@ -183,6 +194,7 @@ def _run_engine_core_with_lifeline(*args: Any, **kwargs: Any) -> Any:
     # The service's PID from before the fork/spawn: it may already be dead by now.
     exit_when_parent_dies(parent=int(os.environ.get(ENGINE_PARENT_ENV, os.getppid())))
     enable_amx()
+    register_models()  # a spawned engine core does not inherit the caller's registrations
     original = _ORIGINAL_RUN_ENGINE_CORE or EngineCoreProc.run_engine_core
     return original(*args, **kwargs)
 
@@ -237,7 +249,9 @@ def offline_llm(model_dir: Path, settings: VllmSettings, **overrides: Any) -> It
     from vllm import LLM
 
     engine_cores_die_with_service()
-    llm = LLM(**engine_kwargs(model_dir, settings, **overrides))
+    kwargs = engine_kwargs(model_dir, settings, **overrides)
+    register_models()
+    llm = LLM(**kwargs)
     try:
         yield llm
     finally:

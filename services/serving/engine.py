@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from services.common.outvocab_vllm import stored_token_ids, token_ids_digest
 from services.common.vllm_engine import VllmSettings, shutdown_async_llm, start_async_llm
 
 logger = logging.getLogger(__name__)
@@ -229,13 +230,18 @@ class VllmEngine:
     async def reload(self, model_dir: Path) -> None:
         # No requests run here (the holder drained this engine), so "wait" returns at once; it also makes the
         # engine refuse to schedule anything while the weights change.
+        expected = token_ids_digest(await asyncio.to_thread(stored_token_ids, model_dir))
         await self._llm.pause_generation(mode="wait", clear_cache=True)
         try:
-            await self._llm.collective_rpc("distillery_reload", kwargs={"weights_path": str(model_dir)})
+            results = await self._llm.collective_rpc("distillery_reload", kwargs={"weights_path": str(model_dir)})
             # KV blocks cached for a prefix hold the old weights' keys and values.
             await self._llm.reset_prefix_cache()
         finally:
             await self._llm.resume_generation()
+        # Two restricted heads of the same size share a fingerprint: the id map must have come with the weights.
+        loaded = {result.get("output_vocab") for result in results}
+        if loaded != {expected}:
+            raise RuntimeError(f"{model_dir}: the engine holds output vocabulary {loaded}, the checkpoint {expected!r}")
         self.model_dir = model_dir
 
     async def probe(self, max_tokens: int) -> Probe:

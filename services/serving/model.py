@@ -1,7 +1,9 @@
 """What a served model is: its version and lineage, and the fingerprint that says whether weights can be swapped in.
 
 Two models with the same fingerprint have the same architecture (config.json, dtype aside) and the same tokenizer,
-chat template and generation defaults: one's weights can be loaded into an engine started for the other.
+chat template and generation defaults: one's weights can be loaded into an engine started for the other. Students
+with a restricted output vocabulary of the same size share a fingerprint whatever their token ids: the id map is a
+tensor of the weights (`lm_head.token_ids`), reloaded with them and checked afterwards (`VllmEngine.reload`).
 """
 
 from __future__ import annotations

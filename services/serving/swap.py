@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.outvocab import OutputVocabError
+from services.common.outvocab import check_folder as check_output_vocab
 from services.common.registry import CheckpointError, NotInRegistry, Registry, verify
 from services.serving import metrics
 from services.serving.engine import Engine, EngineFactory
@@ -53,7 +55,8 @@ class SwapResult:
 def load_checkpoint(
     registry: Registry, uri: str, expect_version: int | None = None, expect_manifest: str = ""
 ) -> ModelInfo:
-    """Verifies a checkpoint of `registry` (confined to it; sha256 of every file, safetensors only), describes it."""
+    """Verifies a checkpoint of `registry` (confined to it; sha256 of every file, safetensors only, a well-formed
+    output vocabulary map where it has one), describes it."""
     try:
         ckpt = verify(registry.locate(uri))
     except NotInRegistry:
@@ -64,6 +67,10 @@ def load_checkpoint(
         raise SwapRefused(uri, f"manifest version {ckpt.version} differs from the announced {expect_version}")
     if expect_manifest and ckpt.manifest_sha256 != expect_manifest:
         raise SwapRefused(uri, f"manifest sha256 {ckpt.manifest_sha256} differs from the announced {expect_manifest}")
+    try:
+        check_output_vocab(ckpt.path)
+    except OutputVocabError as exc:
+        raise SwapRefused(uri, f"malformed output vocabulary: {exc}") from exc
     try:
         return ModelInfo.from_checkpoint(ckpt)
     except (OSError, ValueError) as exc:

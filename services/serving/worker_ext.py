@@ -7,23 +7,36 @@ tied LM head receives no weights of its own on reload, so it is never re-process
 the *old* embedding matrix (measured: tokens and logprobs then differ from a freshly started engine). After the
 reload every module that holds a packed copy of a tied weight is processed again.
 
-This module is imported by vLLM's worker process: keep it free of heavy imports at module level.
+This module is imported by vLLM's worker process: keep it free of heavy imports at module level. Importing it
+registers the project's model classes there (a worker of the "mp" executor is spawned and builds its model after it
+imports this module; vLLM is loaded in that process already).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from services.common.vllm_engine import register_models
+
+register_models()
+
 
 class WeightReloadExtension:
     """Methods added to vLLM's worker; `self` is the worker (it has `model_runner` and `reload_weights`)."""
 
     def distillery_reload(self, weights_path: str) -> dict[str, Any]:
-        """Loads the safetensors weights under `weights_path` in place; returns what was re-processed."""
+        """Loads the safetensors weights under `weights_path` in place; returns what was re-processed and the digest
+        of the restricted head's id map now loaded ("" for a full head: see `outvocab_vllm.token_ids_digest`)."""
+        from services.common.outvocab_vllm import token_ids_digest
+
         worker: Any = self
         worker.reload_weights(weights_path=weights_path)
         model = worker.model_runner.get_model()
-        return {"reprocessed": _reprocess_tied_heads(model)}
+        head = getattr(model, "lm_head", None)
+        return {
+            "reprocessed": _reprocess_tied_heads(model),
+            "output_vocab": token_ids_digest(getattr(head, "token_ids", None)),
+        }
 
     def distillery_clear_kv_cache(self) -> int:
         """Zeroes every KV-cache block; returns the bytes cleared.

@@ -208,3 +208,49 @@ def test_headroom_is_the_median_open_stream_speed_over_the_target() -> None:
     waiting.started = now - 2.0  # two seconds without a token
     streams.sweep()
     assert REGISTRY.get_sample_value("distillery_serving_wpm_headroom_ratio") == pytest.approx(90 / 238, rel=0.01)
+
+
+class _ReloadingLLM:
+    """Just enough of vLLM's AsyncLLM for `VllmEngine.reload`: the worker answers with the id map it now holds."""
+
+    def __init__(self, loaded_digest: str) -> None:
+        self.loaded_digest = loaded_digest
+        self.model_config = type("ModelConfig", (), {"max_model_len": 64, "get_vocab_size": lambda self: 1024})()
+        self.paused = False
+
+    def get_tokenizer(self) -> None:
+        return None
+
+    async def pause_generation(self, **kwargs: object) -> None:
+        self.paused = True
+
+    async def resume_generation(self) -> None:
+        self.paused = False
+
+    async def reset_prefix_cache(self) -> None:
+        pass
+
+    async def collective_rpc(self, method: str, kwargs: dict[str, str]) -> list[dict[str, object]]:
+        return [{"reprocessed": [], "output_vocab": self.loaded_digest}]
+
+
+async def test_reload_fails_unless_the_engine_holds_the_checkpoints_id_map(tmp_path: Path) -> None:
+    """Two restricted heads of the same size share a fingerprint: a reload that left the old id map is an error."""
+    import torch
+    from safetensors.torch import save_file
+
+    from services.common.outvocab_vllm import token_ids_digest
+    from services.serving.engine import VllmEngine
+
+    ids = torch.tensor([0, 1, 2, 7, 9], dtype=torch.int64)
+    save_file({"lm_head.token_ids": ids}, str(tmp_path / "model.safetensors"))
+    good = _ReloadingLLM(token_ids_digest(ids))
+    engine = VllmEngine(good, Path("old"))
+    await engine.reload(tmp_path)
+    assert engine.model_dir == tmp_path and not good.paused
+
+    stale = _ReloadingLLM(token_ids_digest(torch.tensor([0, 1, 2, 8, 9])))
+    engine = VllmEngine(stale, Path("old"))
+    with pytest.raises(RuntimeError, match="output vocabulary"):
+        await engine.reload(tmp_path)
+    assert engine.model_dir == Path("old") and not stale.paused
