@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from services.common.outvocab import ARCHITECTURE, TOKEN_IDS, OutputVocabError, check_folder, trim_folder
 from services.common.outvocab_vllm import (
     MODEL_CLASS,
+    FullLogits,
     register,
     scatter_logits,
     stored_token_ids,
@@ -41,6 +42,27 @@ def test_scatter_logits_places_each_row_on_its_token_and_masks_the_rest() -> Non
     assert full.dtype == torch.float32 and full.shape == (2, 8)
     assert full[:, [1, 4, 6]].tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
     assert torch.isneginf(full[:, [0, 2, 3, 5, 7]]).all()
+
+
+def test_the_reused_logits_buffer_equals_a_fresh_scatter_at_every_step() -> None:
+    """Steps of varying batch size, a sampler that modifies the logits in place (temperature, penalties, a top-k
+    mask, a logit bias on a token outside the head), and an in-place reload that brings another id map."""
+    torch.manual_seed(0)
+    full = FullLogits(vocab_size=50)
+    ids = torch.tensor([0, 3, 7, 11, 20, 49])
+    for step, rows in enumerate([4, 9, 2, 9, 130, 1]):
+        if step == 3:
+            ids.copy_(torch.tensor([1, 3, 8, 12, 21, 48]))  # the reload copies into the same tensor
+        head = torch.randn(rows, 6, dtype=torch.bfloat16)
+        out = full(head, ids)
+        assert out.shape == (rows, 50) and out.dtype == torch.float32
+        assert torch.equal(out, scatter_logits(head, ids, 50)), step
+        # What vLLM's sampler may do in place before the next step: none of it makes -inf finite.
+        out.div_(0.7)
+        out.sub_(0.3)
+        out[:, 5] += 2.0
+        out[:, 3] = float("-inf")
+        assert torch.isneginf(out[:, 5]).all()
 
 
 def test_check_folder_accepts_a_trimmed_student_and_ignores_a_full_one(trimmed: Path, tiny_model_dir: Path) -> None:
