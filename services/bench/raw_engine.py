@@ -3,7 +3,9 @@
 `distillery bench serving` compares the service with this at equal concurrency (`serving_vs_raw_vllm`): the same
 `VllmEngine` class the service runs, started from the same environment (so the same vLLM settings, dtype, threads
 and KV cache), the same chats encoded by the same tokenizer, the same sampling, `ignore_eos`, streams generated back
-to back for a fixed time and cut at the deadline, tokens counted as they arrive. Runs in a child process
+to back for a fixed time and cut at the deadline, tokens counted as they arrive. Like the service, it encodes each
+stream's chat when the stream starts, on a worker thread; what it leaves out is gRPC, protobuf, the load
+generator, the service's admission checks and metrics, and the stream interval's merging. Runs in a child process
 (`clients.child_pool`), one engine start for every concurrency asked.
 """
 
@@ -31,7 +33,7 @@ class RawConfig:
     prompts: Sequence[Sequence[tuple[str, str]]]
 
 
-async def _probe(engine: Any, prompt_ids: list[list[int]], config: RawConfig, concurrency: int) -> dict[str, Any]:
+async def _probe(engine: Any, config: RawConfig, concurrency: int) -> dict[str, Any]:
     from services.serving.engine import Sampling
 
     sampling = Sampling(max_tokens=config.max_tokens, temperature=config.temperature, ignore_eos=True)
@@ -46,7 +48,9 @@ async def _probe(engine: Any, prompt_ids: list[list[int]], config: RawConfig, co
         while time.perf_counter() < deadline:
             i = next(counter)
             streams += 1
-            async for chunk in engine.generate(prompt_ids[i % len(prompt_ids)], sampling, f"raw-{concurrency}-{i}"):
+            # Each stream encodes its chat, as the service does for each request (any server must).
+            ids = await asyncio.to_thread(engine.encode_chat, config.prompts[i % len(config.prompts)])
+            async for chunk in engine.generate(ids, sampling, f"raw-{concurrency}-{i}"):
                 tokens += len(chunk.token_ids)
 
     tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
@@ -68,9 +72,8 @@ async def _measure(config: RawConfig) -> dict[str, Any]:
     engine = await VllmEngine.start(config.model_dir, settings.engine_settings())
     start_s = time.perf_counter() - started
     try:
-        prompt_ids = [engine.encode_chat(chat) for chat in config.prompts]
         await engine.probe(8)  # the service warms an engine up before it serves; so does this
-        probes = [await _probe(engine, prompt_ids, config, c) for c in config.concurrencies]
+        probes = [await _probe(engine, config, c) for c in config.concurrencies]
     finally:
         await engine.shutdown()
     return {"engine_start_s": round(start_s, 1), "probes": probes}

@@ -53,11 +53,13 @@ class ServingSettings(ServiceSettings):
     metrics_port: int = Field(9103, ge=0, le=65535)
     max_concurrent_rpcs: int = Field(1024, ge=1, le=100_000)
     """gRPC's own cap on open calls; keep it above `limits.max_concurrent_streams` so the stream limit answers."""
-    stream_interval_ms: float = Field(0.0, ge=0, le=1000)
+    stream_interval_ms: float = Field(250.0, ge=0, le=1000)
     """Tokens a stream generated within this many milliseconds of its last message go out together, as one
     `GenerateResponse` (its `token_ids` and `text_delta` carry them all); the first token always goes at once.
-    0: one message per engine step. Bounds the delay a token can see to this, and saves the per-message cost
-    (protobuf, HTTP/2 frame, a wake-up on both sides) of the ones it merges."""
+    0: one message per engine step. Bounds the delay a token can see to this (at 238 words per minute a reader
+    spends 250 ms on a word), and saves the per-message cost (protobuf, HTTP/2 frame, a wake-up on both sides) of
+    the ones it merges: the default student through the service at 256 streams × 128 tokens made 6,877 tokens/s
+    at 0, 8,249 at 100 ms and 8,657 at 250 ms (README, "The student at 9.4×")."""
     initial_model: str | None = None
     """Served (as version 0) while the registry holds no promoted checkpoint: a model folder or a prepared model
     name such as `smollm2-135m-instruct`. Unset: NOT_SERVING until the first promotion arrives."""

@@ -78,15 +78,16 @@ async def test_generate_streams_tokens_with_version_and_usage(served: Served) ->
 async def test_a_stream_interval_sends_several_tokens_per_message_and_the_same_completion(served: Served) -> None:
     greedy = request(max_tokens=40, temperature=0.0)
     streams = served.app.streams
-    assert streams.interval_s == 0
-    one_by_one = await collect(served.stub, greedy)
-    streams.interval_s = 0.25
+    assert streams.interval_s == 0.25  # the default (ServingSettings.stream_interval_ms)
     try:
+        streams.interval_s = 0.0
+        one_by_one = await collect(served.stub, greedy)
+        streams.interval_s = 0.25
         started = time.perf_counter()
         chunked = await collect(served.stub, greedy)
         seconds = time.perf_counter() - started
     finally:
-        streams.interval_s = 0.0
+        streams.interval_s = 0.25
     ids = [t for c in one_by_one for t in c.token_ids]
     assert [t for c in chunked for t in c.token_ids] == ids and len(ids) == 40
     assert "".join(c.text_delta for c in chunked) == "".join(c.text_delta for c in one_by_one)

@@ -102,8 +102,10 @@ class StudentRecipe(_message.Message):
     output_vocab_coverage: _builtins.float
     """A task-restricted output vocabulary (services/common/outvocab.py): the student's LM head keeps only the
     tokens that carry this share of the answer-token and teacher top-k mass of the run's first samples (the
-    calibration samples), plus the tokenizer's special and chat-template tokens. In (0, 1]; 0 (unset) keeps the
-    full vocabulary. A student that already has a restricted head (init_checkpoint) keeps its own.
+    calibration samples) and their prompts' tokens, plus the tokenizer's special and chat-template tokens. In
+    (0, 1]; 0 keeps the full vocabulary. Unset: the default student's own (0.99 for the default teacher's
+    student, 0 for any other); unset with a given source (pruned, config, init_checkpoint): 0. A student that
+    already has a restricted head (init_checkpoint) keeps its own.
     """
     @_builtins.property
     def pruned(self) -> Global___PrunedStudent:
@@ -119,14 +121,19 @@ class StudentRecipe(_message.Message):
         pruned: Global___PrunedStudent | None = ...,
         config: Global___StudentShape | None = ...,
         init_checkpoint: _builtins.str = ...,
-        output_vocab_coverage: _builtins.float = ...,
+        output_vocab_coverage: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "init_checkpoint", b"init_checkpoint", "pruned", b"pruned", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_output_vocab_coverage", b"_output_vocab_coverage", "config", b"config", "init_checkpoint", b"init_checkpoint", "output_vocab_coverage", b"output_vocab_coverage", "pruned", b"pruned", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "init_checkpoint", b"init_checkpoint", "output_vocab_coverage", b"output_vocab_coverage", "pruned", b"pruned", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_output_vocab_coverage", b"_output_vocab_coverage", "config", b"config", "init_checkpoint", b"init_checkpoint", "output_vocab_coverage", b"output_vocab_coverage", "pruned", b"pruned", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__output_vocab_coverage: _TypeAlias = _typing.Literal["output_vocab_coverage"]  # noqa: Y015
+    _WhichOneofArgType__output_vocab_coverage: _TypeAlias = _typing.Literal["_output_vocab_coverage", b"_output_vocab_coverage"]  # noqa: Y015
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["pruned", "config", "init_checkpoint"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_vocab_coverage) -> _WhichOneofReturnType__output_vocab_coverage | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
 Global___StudentRecipe: _TypeAlias = StudentRecipe  # noqa: Y015
