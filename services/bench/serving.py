@@ -56,8 +56,9 @@ class ServingBenchConfig:
     stream_interval_ms: float | None = None
     """The service's `stream_interval_ms` (tokens made within it go out as one message); None: its default."""
     student_head_coverage: float | None = None
-    """The default student with its LM head restricted to the default use case's tokens at this coverage
-    (`services/bench/students.py`); None: its full head. Ignored with `student_dir`."""
+    """The default student's LM head restricted to the default use case's tokens at this coverage
+    (`services/bench/students.py`); 0: the full vocabulary; None: the default student recipe's coverage (0.99).
+    Ignored with `student_dir`."""
     raw_engine: bool = True
     """Also drive each model's engine directly at the equal concurrency (`serving_vs_raw_vllm`)."""
     capacity_stop_at_eos: bool = False
@@ -245,7 +246,12 @@ async def run_serving_bench(config: ServingBenchConfig) -> dict[str, Any]:
         teacher_dir = await asyncio.to_thread(prepare_default_teacher, models_dir)
     student_dir = config.student_dir
     if student_dir is None:
-        student_dir = await asyncio.to_thread(default_student, models_dir, teacher_dir, config.student_head_coverage)
+        coverage = config.student_head_coverage
+        if coverage is None:
+            from services.trainer.recipes import DEFAULT_STUDENT_RECIPE
+
+            coverage = DEFAULT_STUDENT_RECIPE.output_vocab_coverage
+        student_dir = await asyncio.to_thread(default_student, models_dir, teacher_dir, coverage or None)
     # Teacher first: its capacity is the concurrency both models are compared at for tokens/s.
     with child_pool(config.client_processes) as clients:
         teacher = await bench_model(config, "teacher", teacher_dir, config.budget_s / 2, None, clients)

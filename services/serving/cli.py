@@ -109,9 +109,10 @@ def bench(
     student_head_coverage: Annotated[
         float | None,
         typer.Option(
-            min=0.5,
+            min=0.0,
             max=1.0,
-            help="Serve the default student with its LM head restricted to the use case's tokens at this coverage.",
+            help="The default student's LM head restricted to the use case's tokens at this coverage; 0: the full "
+            "vocabulary; default: the default student recipe's (0.99).",
         ),
     ] = None,
     raw_engine: Annotated[
