@@ -173,9 +173,14 @@ def test_every_rpc_is_classified() -> None:
 
 
 def test_plain_text_on_a_public_address_is_refused() -> None:
-    server = GrpcServer("serving", ServiceSettings(host="0.0.0.0", tls=TlsSettings()))
+    async def start() -> None:
+        # Built inside the loop: grpc.aio binds a server to the running loop (outside one it asks asyncio for the
+        # default loop, which an earlier asyncio.run in this thread has unset).
+        server = GrpcServer("serving", ServiceSettings(host="0.0.0.0", tls=TlsSettings()))
+        await server.start(metrics=False)
+
     with pytest.raises(SecurityError, match="ALLOW_INSECURE"):
-        asyncio.run(server.start(metrics=False))
+        asyncio.run(start())
 
 
 def test_a_token_is_never_sent_in_plain_text_over_the_network() -> None:
