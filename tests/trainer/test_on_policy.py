@@ -46,7 +46,7 @@ async def stack(
 
 
 # A student with a restricted output vocabulary samples only its head's ids, and trains on their scores the same way.
-@pytest.mark.parametrize("coverage", [0.0, pytest.param(0.9, id="restricted-vocabulary")])
+@pytest.mark.parametrize("coverage", [0.0, pytest.param(0.9, id="restricted-vocabulary", marks=pytest.mark.slow)])
 async def test_student_samples_are_scored_by_the_teacher_and_trained_on(
     stack: tuple[Any, TrainerApp], tiny_samples: list, kafka_settings: KafkaSettings, coverage: float
 ) -> None:

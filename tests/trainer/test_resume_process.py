@@ -125,7 +125,7 @@ def _assert_resumed_exactly(
 
 @pytest.mark.e2e
 # A student with a restricted output vocabulary resumes the same way, with the head chosen at its run start.
-@pytest.mark.parametrize("coverage", [0.0, pytest.param(0.9, id="restricted-vocabulary")])
+@pytest.mark.parametrize("coverage", [0.0, pytest.param(0.9, id="restricted-vocabulary", marks=pytest.mark.slow)])
 def test_sigkill_then_restart_resumes_from_the_manifest_offsets_with_no_gap(
     tiny_teacher: Path, tiny_samples: list, tmp_path: Path, kafka_settings: KafkaSettings, coverage: float
 ) -> None:
