@@ -3,9 +3,11 @@
 For each model (the default student, then the default teacher) it starts `distillery serving serve` as a child
 process, then searches for the largest number of concurrent Generate streams whose median words per minute stays at
 or above the 238 wpm reading target: doubling until a probe fails, then bisecting, within a time budget. Each probe
-is a load-generator run (`loadtest.py`) of `probe_s` seconds. Tokens/s of both models are compared at one equal
-concurrency (the teacher's capacity). Both models see the same prompts (the default built-in use case, or the given
-chats), the same sampling and the same engine settings.
+is a load-generator run (`loadtest.py`) of `probe_s` seconds, in child processes of its own (`clients.py`). Tokens/s
+of both models are compared at one equal concurrency (the teacher's capacity), and each model's engine is also
+driven directly at that concurrency (`raw_engine.py`): `serving_vs_raw_vllm` is what the service keeps of it. Both
+models see the same prompts (the default built-in use case, or the given chats), the same sampling and the same
+engine settings. The default student is the default recipe's, restricted head included (`students.py`).
 """
 
 from __future__ import annotations
