@@ -165,27 +165,35 @@ def our_trainer(config: BenchConfig, student_dir: Path, samples: list[Sample], l
     }
 
 
-def trl_gkd(config: BenchConfig, student_dir: Path, teacher_dir: Path, samples: list[Sample], log: Log) -> dict:
+def _timed_trl(
+    trainer_cls: Any,
+    config_cls: Any,
+    scored: Callable[[Any], Any],
+    config: BenchConfig,
+    rows: list[dict[str, Any]],
+    student_dir: Path,
+    log: Log,
+    extra_args: dict[str, Any],
+    **trainer_kwargs: Any,
+) -> dict[str, Any]:
+    """One TRL trainer on `rows` in the order `_batches` gives ours: warm-up steps, then timed steps; the completion
+    tokens its loss scores (`scored(inputs)`, a mask) are counted the same way ours are. Both TRL trainers run with
+    gradient checkpointing off (their configs turn it on by default, trading speed for memory a 17M student does not
+    need; ours does not recompute activations either) and bf16 where ours uses it."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from services.common.models import load_causal_lm, load_tokenizer
 
-    rows = [{"messages": [*s.messages, {"role": "assistant", "content": s.completion_text}]} for s in samples]
     count = config.batch_size * (config.warmup_steps + config.steps)
-    ordered = [rows[i % len(rows)] for i in range(count)]  # the order `_batches` gives our trainer
-    tokenizer = load_tokenizer(student_dir)
-    student = load_causal_lm(student_dir, dtype=torch.float32)
-    teacher = load_causal_lm(teacher_dir, dtype=torch.bfloat16)
+    ordered = [rows[i % len(rows)] for i in range(count)]
     stats: dict[str, Any] = {"targets": 0, "seconds": 0.0, "steps": 0, "step": 0}
 
-    class Counting(GKDTrainer):  # type: ignore[misc]
+    class Counting(trainer_cls):  # type: ignore[misc,valid-type]
         def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             if stats["step"] >= config.warmup_steps:
-                # Labels are shifted inside the loss: count the positions it scores.
-                stats["targets"] += int((inputs["labels"][:, 1:] != -100).sum())
+                stats["targets"] += int(scored(inputs).sum())
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     class Clock(TrainerCallback):  # type: ignore[misc]
@@ -199,16 +207,12 @@ def trl_gkd(config: BenchConfig, student_dir: Path, teacher_dir: Path, samples: 
             stats["step"] += 1
 
     with tempfile.TemporaryDirectory(prefix="distillery-trl-") as out:
-        args = GKDConfig(
+        args = config_cls(
             output_dir=out,
             per_device_train_batch_size=config.batch_size,
             gradient_accumulation_steps=1,
             max_steps=config.warmup_steps + config.steps,
             learning_rate=1e-3,
-            lmbda=0.0,
-            beta=0.0,
-            # GKDConfig turns gradient checkpointing on by default (memory for speed); a 17M student needs no
-            # memory saving, and ours does not recompute activations either.
             gradient_checkpointing=False,
             use_cpu=True,
             bf16=native_bf16(),  # the same precision as ours: bf16 where the CPU has it natively
@@ -218,18 +222,19 @@ def trl_gkd(config: BenchConfig, student_dir: Path, teacher_dir: Path, samples: 
             report_to=[],
             disable_tqdm=True,
             seed=config.seed,
-            train_sampling_strategy="sequential",
             dataloader_num_workers=0,
+            **extra_args,
         )
         trainer = Counting(
-            model=student,
-            teacher_model=teacher,
+            model=load_causal_lm(student_dir, dtype=torch.float32),
             args=args,
             train_dataset=Dataset.from_list(ordered),
-            processing_class=tokenizer,
+            processing_class=load_tokenizer(student_dir),
             callbacks=[Clock()],
+            **trainer_kwargs,
         )
-        log(f"TRL GKDTrainer: {config.warmup_steps} warm-up + {config.steps} timed steps of {config.batch_size}")
+        name = trainer_cls.__name__
+        log(f"TRL {name}: {config.warmup_steps} warm-up + {config.steps} timed steps of {config.batch_size}")
         trainer.train()
     return {
         "steps": stats["steps"],
@@ -237,79 +242,43 @@ def trl_gkd(config: BenchConfig, student_dir: Path, teacher_dir: Path, samples: 
         "seconds": stats["seconds"],
         "tokens_per_s": stats["targets"] / stats["seconds"],
     }
+
+
+def trl_gkd(config: BenchConfig, student_dir: Path, teacher_dir: Path, samples: list[Sample], log: Log) -> dict:
+    import torch
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from services.common.models import load_causal_lm
+
+    rows = [{"messages": [*s.messages, {"role": "assistant", "content": s.completion_text}]} for s in samples]
+    return _timed_trl(
+        GKDTrainer,
+        GKDConfig,
+        # Labels are shifted inside the loss: count the positions it scores.
+        lambda inputs: inputs["labels"][:, 1:] != -100,
+        config,
+        rows,
+        student_dir,
+        log,
+        {"lmbda": 0.0, "beta": 0.0, "train_sampling_strategy": "sequential"},
+        teacher_model=load_causal_lm(teacher_dir, dtype=torch.bfloat16),
+    )
 
 
 def trl_sft(config: BenchConfig, student_dir: Path, samples: list[Sample], log: Log) -> dict:
     """The design-neutral peer: TRL's `SFTTrainer` on the same precomputed teacher completions (cross-entropy on the
     teacher's sampled tokens, completion only), so neither side runs the teacher during training. Ours also reads the
     teacher's top-20 per position (a KL over 21 entries): the rest of the step is the same work."""
-    import torch
-    from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from services.common.models import load_causal_lm, load_tokenizer
+    def scored(inputs: Any) -> Any:
+        mask = inputs.get("completion_mask")
+        return mask[:, 1:] if mask is not None else inputs["labels"][:, 1:] != -100
 
     rows = [
         {"prompt": s.messages, "completion": [{"role": "assistant", "content": s.completion_text}]} for s in samples
     ]
-    count = config.batch_size * (config.warmup_steps + config.steps)
-    ordered = [rows[i % len(rows)] for i in range(count)]
-    tokenizer = load_tokenizer(student_dir)
-    student = load_causal_lm(student_dir, dtype=torch.float32)
-    stats: dict[str, Any] = {"targets": 0, "seconds": 0.0, "steps": 0, "step": 0}
-
-    class Counting(SFTTrainer):  # type: ignore[misc]
-        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-            if stats["step"] >= config.warmup_steps:
-                mask = inputs.get("completion_mask")
-                scored = mask[:, 1:] if mask is not None else inputs["labels"][:, 1:] != -100
-                stats["targets"] += int(scored.sum())
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    class Clock(TrainerCallback):  # type: ignore[misc]
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            stats["t0"] = time.perf_counter()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if stats["step"] >= config.warmup_steps:
-                stats["seconds"] += time.perf_counter() - stats["t0"]
-                stats["steps"] += 1
-            stats["step"] += 1
-
-    with tempfile.TemporaryDirectory(prefix="distillery-trl-sft-") as out:
-        args = SFTConfig(
-            output_dir=out,
-            per_device_train_batch_size=config.batch_size,
-            gradient_accumulation_steps=1,
-            max_steps=config.warmup_steps + config.steps,
-            learning_rate=1e-3,
-            gradient_checkpointing=False,
-            use_cpu=True,
-            bf16=native_bf16(),
-            max_length=1024,
-            logging_steps=10_000,
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            seed=config.seed,
-            dataloader_num_workers=0,
-        )
-        trainer = Counting(
-            model=student,
-            args=args,
-            train_dataset=Dataset.from_list(ordered),
-            processing_class=tokenizer,
-            callbacks=[Clock()],
-        )
-        log(f"TRL SFTTrainer: {config.warmup_steps} warm-up + {config.steps} timed steps of {config.batch_size}")
-        trainer.train()
-    return {
-        "steps": stats["steps"],
-        "completion_tokens": stats["targets"],
-        "seconds": stats["seconds"],
-        "tokens_per_s": stats["targets"] / stats["seconds"],
-    }
+    return _timed_trl(SFTTrainer, SFTConfig, scored, config, rows, student_dir, log, {})
 
 
 def run_bench(config: BenchConfig, log: Log = print) -> dict[str, Any]:
