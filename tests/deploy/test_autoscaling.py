@@ -88,21 +88,32 @@ def test_prometheus_evaluates_the_trigger_query(prometheus_bin: str, tmp_path: P
 
 @pytest.mark.e2e
 def test_prometheus_evaluates_the_trigger_query_on_the_real_service(live, prometheus_bin: str, tmp_path: Path) -> None:
-    """The real serving service, idle and then under streams: one finite value, 0 when idle, above 0 under load."""
+    """The real serving service, idle and then under streams: one finite value, 0 when idle, above 0 under load.
+
+    A stream counts in the gauge only once it has been open for the grace period and a sweep and a scrape have
+    both happened since; the tiny model ends a stream of 600 tokens in 1-3 s, so waves of streams keep coming
+    until Prometheus has seen one (a fixed burst could fall between scrapes)."""
     import threading
 
     from tests.deploy.live import serve_streams
 
     address = live.processes["serving"].address
     target = live.metrics_target("serving")
+    seen = threading.Event()
+
+    def waves() -> None:
+        while not seen.is_set():
+            serve_streams(address, 32, 32, 600)
+
     with PrometheusServer(prometheus_bin, tmp_path, jobs={"serving": [target]}, labels={"namespace": "ns"}) as prom:
         query = component_query("ns")
         idle = prom.wait_for(lambda: prom.query(query), bool, timeout=60)
         assert float(idle[0]["value"][1]) == 0.0
-        streams = threading.Thread(target=serve_streams, args=(address, 8, 4, 600))
+        streams = threading.Thread(target=waves, daemon=True)
         streams.start()
         try:
             busy = prom.wait_for(lambda: prom.query(query), lambda r: bool(r) and float(r[0]["value"][1]) > 0, 120)
         finally:
+            seen.set()
             streams.join(300)
         assert 0 < float(busy[0]["value"][1]) < math.inf
