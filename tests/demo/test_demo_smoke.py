@@ -12,6 +12,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +26,83 @@ REQUIRED = ("metric", "teacher_score", "student_score", "score_ratio", "size_rat
             "student_accuracy", "signal_share", "recipe")  # fmt: skip
 
 
-def _run(tmp_path: Path, *args: str) -> tuple[dict[str, Any], Path]:
-    run_dir = tmp_path / "run"
+@dataclass
+class Pipeline:
+    """One `distillery … --profile smoke --json` process, started before the test that reads it."""
+
+    run_dir: Path
+    proc: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+
+    def result(self) -> tuple[dict[str, Any], Path]:
+        assert self.proc.wait(timeout=840) == 0, self.stderr.read_text(errors="replace")[-6000:]
+        summary = json.loads(self.stdout.read_text().strip().splitlines()[-1])
+        missing = [key for key in REQUIRED if key not in summary]
+        assert not missing, missing
+        return summary, self.run_dir
+
+
+def _start(base: Path, *args: str) -> Pipeline:
+    run_dir = base / "run"
     env = {k: v for k, v in os.environ.items() if k != "DISTILLERY_KAFKA_BOOTSTRAP"}  # it starts its own broker
-    env.update(DISTILLERY_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "distillery"), *args, "--profile", "smoke", "--json",
-         "--run-dir", str(run_dir)],
-        env=env, capture_output=True, text=True, timeout=840,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    missing = [key for key in REQUIRED if key not in summary]
-    assert not missing, missing
-    return summary, run_dir
+    env.update(DISTILLERY_HOME=str(base / "home"), HF_HUB_OFFLINE="1")
+    stdout, stderr = base / "stdout", base / "stderr"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "distillery"), *args, "--profile", "smoke", "--json",
+             "--run-dir", str(run_dir)],
+            env=env, stdout=out, stderr=err,
+        )  # fmt: skip
+    return Pipeline(run_dir, proc, stdout, stderr)
+
+
+def _users_prompts(path: Path) -> Path:
+    lines: list[dict[str, Any]] = [
+        {"id": f"q{i}", "messages": [{"role": "user", "content": f"Tell me about the number {i}."}]} for i in range(60)
+    ]
+    lines += [{"id": i, "prompt": f"Write a word about {i} apples."} for i in range(60, 80)]
+    lines += [{"id": f"held-{i}", "messages": [{"role": "user", "content": f"What is {i} plus one?"}],
+               "split": "eval"} for i in range(8)]  # fmt: skip
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+#: The two pipelines, by the test that reads each (distil also gets the user's prompts file).
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "test_smoke_demo_runs_the_whole_pipeline": ("demo", "--recipe", "best"),
+    "test_smoke_distil_of_a_users_prompts_without_references_or_checker": (
+        *("distil", "--teacher", "tiny", "--recipe", "kd"),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def pipelines(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Pipeline]]:
+    """Both smoke pipelines at once (each uses about one core of a 2-core machine for ≈2 min; side by side they
+    take ≈2.5 min instead of 4-5), only those whose tests were selected. Stopped with SIGTERM if a test ends first:
+    a pipeline stops what it started."""
+    selected = {item.name for item in request.session.items if item.path == request.path}
+    started: dict[str, Pipeline] = {}
+    try:
+        for name, args in PIPELINES.items():
+            if name in selected:
+                base = tmp_path_factory.mktemp(name.removeprefix("test_smoke_")[:24])
+                if args[0] == "distil":
+                    args = (*args, "--prompts", str(_users_prompts(base / "mine.jsonl")))
+                started[name] = _start(base, *args)
+        yield started
+    finally:
+        for pipeline in started.values():
+            if pipeline.proc.poll() is None:
+                pipeline.proc.terminate()
+                try:
+                    pipeline.proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    pipeline.proc.kill()
+                    pipeline.proc.wait()
 
 
 def _served_and_swapped(summary: dict[str, Any], run_dir: Path) -> None:
@@ -58,8 +123,8 @@ def _served_and_swapped(summary: dict[str, Any], run_dir: Path) -> None:
     assert (run_dir / "broker").is_dir(), "the pipeline ran its own broker in the run folder"
 
 
-def test_smoke_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
-    summary, run_dir = _run(tmp_path, "demo", "--recipe", "best")
+def test_smoke_demo_runs_the_whole_pipeline(pipelines: dict[str, Pipeline]) -> None:
+    summary, run_dir = pipelines["test_smoke_demo_runs_the_whole_pipeline"].result()
     assert (summary["profile"], summary["recipe"], summary["metric"]) == ("smoke", "best", "accuracy")
     assert summary["checker"] == "numeric" and "fact-disjoint" in summary["held_out"]
     assert summary["teacher_samples"] >= summary["train_prompts"] > 0
@@ -76,15 +141,8 @@ def test_smoke_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     _served_and_swapped(summary, run_dir)
 
 
-def test_smoke_distil_of_a_users_prompts_without_references_or_checker(tmp_path: Path) -> None:
-    lines = [{"id": f"q{i}", "messages": [{"role": "user", "content": f"Tell me about the number {i}."}]}
-             for i in range(60)]  # fmt: skip
-    lines += [{"id": i, "prompt": f"Write a word about {i} apples."} for i in range(60, 80)]
-    lines += [{"id": f"held-{i}", "messages": [{"role": "user", "content": f"What is {i} plus one?"}],
-               "split": "eval"} for i in range(8)]  # fmt: skip
-    prompts = tmp_path / "mine.jsonl"
-    prompts.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    summary, run_dir = _run(tmp_path, "distil", "--teacher", "tiny", "--prompts", str(prompts), "--recipe", "kd")
+def test_smoke_distil_of_a_users_prompts_without_references_or_checker(pipelines: dict[str, Pipeline]) -> None:
+    summary, run_dir = pipelines["test_smoke_distil_of_a_users_prompts_without_references_or_checker"].result()
     assert (summary["metric"], summary["teacher_score"], summary["checker"]) == ("teacher_agreement", 1.0, None)
     assert summary["student_score"] is not None and summary["accuracy_ratio"] is None
     assert summary["use_case"] == "mine" and summary["dataset"]["eval_lines"] >= 8
