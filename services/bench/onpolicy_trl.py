@@ -186,5 +186,6 @@ def train_trl(
         )
         log(f"TRL DistillationTrainer: {settings.wall_s:.0f} s of training, batch {settings.batch_size}, bf16 {bf16}")
         trainer.train()
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        # Without the mixed-precision wrapper: our evaluator sets bf16 autocast itself, as it does for ours.
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return TrlRun(steps=clock.steps, completion_tokens=counted["tokens"], seconds=clock.seconds, model=model)
