@@ -207,6 +207,7 @@ def run_bench(config: OnPolicyBenchConfig, folder: Path, console: Console, log: 
                            max_completion_length=spec.on_policy.max_new_tokens,
                            temperature=spec.on_policy.temperature, seed=spec.seed)  # fmt: skip
     threads = len(os.sched_getaffinity(0))
+    trl_started = time.monotonic()
     trl_run = train_trl(settings, student_dir, teacher_dir, prompts, threads, log)
     log(f"TRL: {trl_run.steps} steps in {trl_run.seconds:.0f} s; evaluating its student on our held-out set")
     device = torch.device("cpu")
@@ -220,12 +221,14 @@ def run_bench(config: OnPolicyBenchConfig, folder: Path, console: Console, log: 
         notes.append("the teacher had not answered the whole held-out set when ours stopped: neither side evaluated "
                      "(raise --wall-s)")  # fmt: skip
     trl = side(trl_metrics, trl_run.steps, trl_run.completion_tokens, trl_run.seconds)
+    trl["phase_wall_s"] = round(time.monotonic() - trl_started, 1)  # loading, training and our evaluation
     ours_extra = {
         "tokens_by_source": dict(progress.tokens_by_source),
         "signal_share": summary["signal_share"],
         "on_policy_fraction": round(spec.on_policy.fraction, 6),
         "on_policy": summary["on_policy"],
         "teacher_samples": summary["teacher_samples"],
+        "pipeline_wall_s": summary["wall_s"],  # the whole demo run: broker, engines, calibration, training, eval
         "run_dir": str(folder),
     }
     trl_settings = {**_rounded(asdict(settings)), "beta": 1.0, "top_p": 1.0, "top_k": 0, "use_vllm": False,
