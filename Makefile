@@ -23,7 +23,7 @@ help:
 	@echo "make demo      distil the default teacher end to end and write a report (sets itself up)"
 	@echo "make test      the test suite, including one full pipeline run (sets itself up)"
 	@echo "make test-all  also the long end-to-end tests"
-	@echo "make bench     the benchmarks (teacher, trainer, serving, swap), JSON on stdout"
+	@echo "make bench     the benchmarks (teacher, trainer, serving, swap, onpolicy), JSON on stdout"
 	@echo "make image     build the CPU container image (docker, or buildah where no Docker daemon answers)"
 	@echo "make image-gpu build the GPU image (upstream vLLM, CUDA wheels); image-test runs the CPU image's tests"
 	@echo "make setup | setup-system | protos | lint | format | clean"
@@ -83,6 +83,7 @@ bench: setup
 	$(VENV)/bin/distillery bench trainer --json
 	$(VENV)/bin/distillery bench serving --json
 	$(VENV)/bin/distillery bench swap --json
+	$(VENV)/bin/distillery bench onpolicy --json
 
 # The trainer's CUDA path on a GPU machine (prune, distil, checkpoint; one JSON line). It needs only torch,
 # transformers, safetensors and numpy, so it runs without the venv there: `PYTHONPATH=. python3 scripts/gpu_check.py`.

@@ -1,10 +1,12 @@
-"""`distillery bench scale`: the command; the measurements live in services/bench/scale*.py."""
+"""`distillery bench scale` and `distillery bench onpolicy`: the commands; the measurements live in
+services/bench/scale*.py and services/bench/onpolicy*.py."""
 
 from __future__ import annotations
 
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -46,6 +48,49 @@ def scale(
             trainer_steps=trainer_steps,
             progress=lambda line: console.print(line),
         )
+    if json_output:
+        print(json.dumps(result))
+    else:
+        console.print_json(json.dumps(result))
+    sys.stdout.flush()
+
+
+def onpolicy(
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    profile: Annotated[str, typer.Option(help="Demo profile: default (packaged teacher) or smoke (tiny models).")] = (
+        "default"
+    ),
+    wall_s: Annotated[float, typer.Option(help="Training wall time of each side, seconds.")] = 600.0,
+    on_policy_fraction: Annotated[
+        float | None, typer.Option(help="Our share of each batch from scored student completions (default: kd's).")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder (default: <home>/runs/<time>-bench-onpolicy).")
+    ] = None,
+) -> None:
+    """Our on-policy loop (`distillery demo --recipe kd`) beside TRL's DistillationTrainer: same initial student,
+    teacher, training prompts and held-out set, equal training wall time; held-out scores and tokens/s."""
+    from services.bench.onpolicy import OnPolicyBenchConfig, run_bench
+    from services.common.process import stdout_to_stderr
+    from services.common.settings import distillery_home
+    from services.demo.job import JobError
+    from services.demo.pipeline import DemoFailed, ServiceFailed
+
+    if wall_s <= 0:
+        raise typer.BadParameter(f"must be > 0, got {wall_s}", param_hint="--wall-s")
+    if on_policy_fraction is not None and not 0.0 <= on_policy_fraction <= 1.0:
+        raise typer.BadParameter(f"must be in [0, 1], got {on_policy_fraction}", param_hint="--on-policy-fraction")
+    if profile not in ("default", "smoke"):
+        raise typer.BadParameter(f"choose default or smoke; got {profile!r}", param_hint="--profile")
+    folder = (run_dir or distillery_home() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-bench-onpolicy").resolve()
+    config = OnPolicyBenchConfig(profile=profile, wall_s=wall_s, on_policy_fraction=on_policy_fraction)
+    try:
+        with stdout_to_stderr():
+            result = run_bench(config, folder, console, log=lambda line: console.print(line))
+    except (JobError, DemoFailed, ServiceFailed) as exc:
+        console.print(f"[red]failed: {exc}[/red] (logs: {folder / 'logs'})")
+        raise typer.Exit(1) from None
+    (folder / "bench-onpolicy.json").write_text(json.dumps(result, indent=2))
     if json_output:
         print(json.dumps(result))
     else:

@@ -62,7 +62,8 @@ class ClientLoad:
         self.error: BaseException | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        if self.config.concurrency > 0:  # 0 streams: no client load at all (`distillery bench onpolicy`)
+            self._thread.start()
 
     def _run(self) -> None:
         try:
@@ -75,7 +76,8 @@ class ClientLoad:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(WINDOW_S + 120)
+        if self._thread.is_alive():
+            self._thread.join(WINDOW_S + 120)
 
     def results(self) -> list[StreamResult]:
         with self._lock:

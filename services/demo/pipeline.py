@@ -61,6 +61,9 @@ class Pipeline:
                                  held_out=job.held_out)  # fmt: skip
         self.registry = Registry(run_dir / "registry")
         self.plan: Plan = make_plan(job)
+        #: When the pipeline first saw a trained step, and when it asked the trainer to stop (time.monotonic()).
+        self.first_step_at: float | None = None
+        self.stopped_at: float | None = None
         self._started_broker = False
         self._t0 = time.monotonic()
 
@@ -239,6 +242,7 @@ class Pipeline:
                           p.load_streams, p.load_max_tokens, p.load_think_s, p.load_temperature)  # fmt: skip
         load.start()
         deadline = time.monotonic() + p.time_budget_s
+        self.first_step_at = None
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn())  # fmt: skip
         try:
@@ -254,11 +258,16 @@ class Pipeline:
                     prog = watch.progress
                     if prog is not None:
                         bars.update(steps_bar, completed=prog.step, info=_progress_info(prog, watch))
+                        if self.first_step_at is None and prog.step >= 1:
+                            self.first_step_at = time.monotonic()  # seen within a poll (1 s) of the first step
+                            if p.budget_from_first_step:
+                                deadline = self.first_step_at + p.time_budget_s
                     stats = load.stats()
                     bars.update(load_bar, completed=stats.finished,
                                 info=f"failed {stats.failed}  versions {sorted(stats.versions)}")  # fmt: skip
                     # At max_steps the run is only finishing its last evaluation: let it end by itself.
                     if time.monotonic() > deadline and (prog is None or not p.max_steps or prog.step < p.max_steps):
+                        self.stopped_at = time.monotonic()
                         with channels.channel(procs["trainer"].address) as channel:
                             pb.trainer_grpc.TrainerServiceStub(channel).StopRun(
                                 pb.trainer.StopRunRequest(run_id=run_id, evaluate=True), timeout=60

@@ -134,6 +134,9 @@ class Profile:
     seed: int = 1
     #: Stop waiting for the run after this long (the report says so).
     time_budget_s: float = 1200.0
+    #: Count `time_budget_s` from the first training step instead of from the run's start, so the budget is training
+    #: time (calibration, pruning and the teacher's first answers excluded); `distillery bench onpolicy` uses it.
+    budget_from_first_step: bool = False
 
 
 def _pruned(layers: int, hidden: int, mlp: int, heads: int, kv_heads: int) -> pb.trainer.StudentRecipe:
