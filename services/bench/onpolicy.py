@@ -178,7 +178,8 @@ def held_out_set(ckpt: Checkpoint) -> tuple[Any, pb.trainer.RunSpec]:
 def run_bench(config: OnPolicyBenchConfig, folder: Path, console: Console, log: Log) -> dict[str, Any]:
     import torch
 
-    from services.bench.onpolicy_trl import TrlSettings, train_trl
+    from services.bench.onpolicy_trl import FIXED, TrlSettings, train_trl
+    from services.bench.trl_args import cpu_peer_args
     from services.common.models import load_tokenizer, offline, parameter_count
     from services.common.settings import distillery_home
     from services.trainer.device import bf16_is_fast
@@ -231,8 +232,9 @@ def run_bench(config: OnPolicyBenchConfig, folder: Path, console: Console, log: 
         "pipeline_wall_s": summary["wall_s"],  # the whole demo run: broker, engines, calibration, training, eval
         "run_dir": str(folder),
     }
-    trl_settings = {**_rounded(asdict(settings)), "beta": 1.0, "top_p": 1.0, "top_k": 0, "use_vllm": False,
-                    "gradient_checkpointing": False, "bf16": autocast, "threads": threads}  # fmt: skip
+    peer = cpu_peer_args(spec.seed, logging_steps=0)
+    trl_settings = {**_rounded(asdict(settings)), **FIXED, "gradient_checkpointing": peer["gradient_checkpointing"],
+                    "bf16": peer["bf16"], "threads": threads}  # fmt: skip
     held_out = {
         "prompts": len(evalset.student_prompts()),
         "agreement_samples": len(evalset.samples),

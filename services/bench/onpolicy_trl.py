@@ -30,11 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.bench.trl_args import cpu_peer_args
 from services.common.cpu import native_bf16
 
 Log = Callable[[str], None]
 #: Steps TRL is configured for: it is stopped by the wall clock long before (the schedule is constant anyway).
 MAX_STEPS = 1_000_000
+#: The settings that do not come from our run's spec (the module docstring says why each), as configured and as the
+#: bench reports them; with `cpu_peer_args` (gradient checkpointing off, bf16 where native).
+FIXED: dict[str, Any] = {"beta": 1.0, "top_p": 1.0, "top_k": 0, "use_vllm": False}
 
 
 @dataclass
@@ -160,21 +164,10 @@ def train_trl(
             adam_beta2=0.95,
             weight_decay=settings.weight_decay,
             max_grad_norm=settings.max_grad_norm,
-            beta=1.0,
             temperature=settings.temperature,
-            top_p=1.0,
-            top_k=0,
             max_completion_length=settings.max_completion_length,
-            use_vllm=False,
-            gradient_checkpointing=False,
-            use_cpu=True,
-            bf16=bf16,
-            logging_steps=MAX_STEPS,
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            seed=settings.seed,
-            dataloader_num_workers=0,
+            **FIXED,
+            **cpu_peer_args(settings.seed, logging_steps=MAX_STEPS),
         )
         trainer = Counting(
             model=load_causal_lm(student_dir, dtype=torch.float32),

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from services.bench.trl_args import cpu_peer_args
 from services.common.cpu import native_bf16
 from services.common.vllm_engine import VllmSettings
 
@@ -213,16 +214,8 @@ def _timed_trl(
             gradient_accumulation_steps=1,
             max_steps=config.warmup_steps + config.steps,
             learning_rate=1e-3,
-            gradient_checkpointing=False,
-            use_cpu=True,
-            bf16=native_bf16(),  # the same precision as ours: bf16 where the CPU has it natively
             max_length=1024,
-            logging_steps=10_000,
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            seed=config.seed,
-            dataloader_num_workers=0,
+            **cpu_peer_args(config.seed, logging_steps=10_000),
             **extra_args,
         )
         trainer = Counting(
