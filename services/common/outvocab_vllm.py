@@ -140,6 +140,8 @@ def _model_class() -> Any:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             self.output_vocab_rows = rows
             self.full_logits = FullLogits(int(config.vocab_size))
+            # Set by `outvocab_sampler.install` once the runner's sampler maps head rows to tokens itself.
+            self.head_logits = False
             if get_pp_group().is_last_rank:
                 self.lm_head = ParallelLMHead(
                     rows,
@@ -163,6 +165,8 @@ def _model_class() -> Any:
             logits = self.logits_processor(self.lm_head, hidden_states)
             if logits is None:  # not the last pipeline rank
                 return None
+            if self.head_logits:
+                return logits
             return self.full_logits(logits, self.token_ids)
 
         @property

@@ -53,6 +53,9 @@ class VllmSettings(BaseModel):
     omp_threads: int | None = Field(None, ge=1, le=1024)
     """OMP_NUM_THREADS for the engine; default: every core the process may use."""
     enable_prefix_caching: bool = True
+    head_sampling: bool = True
+    """Serving only, students with a restricted output vocabulary only: sample over the head's own rows rather than
+    the full vocabulary where a batch reads nothing by token id (`services/common/outvocab_sampler.py`)."""
     executor: Literal["uni", "mp"] = "uni"
     """Where the model runs. "uni": inside vLLM's engine-core process. "mp": in a worker process of its own (vLLM's
     default on CPUs), whose engine core then busy-waits on the worker for every step and takes most of a core doing

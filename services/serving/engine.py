@@ -100,8 +100,12 @@ class Engine(Protocol):
 
     def encode_text(self, text: str) -> list[int]: ...
 
-    def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[Chunk]:
-        """Streams one completion; closing the iterator aborts the request in the engine."""
+    def generate(
+        self, prompt_ids: list[int], sampling: Sampling, request_id: str, interval_s: float = 0.0
+    ) -> AsyncIterator[Chunk]:
+        """Streams one completion; closing the iterator aborts the request in the engine. With `interval_s`, chunks
+        come at most once per interval (what the engine made meanwhile merged into one), except the last, which
+        comes as soon as the completion ends."""
         ...
 
     async def reload(self, model_dir: Path) -> None:
@@ -131,12 +135,30 @@ def model_context(model_dir: Path) -> int | None:
     return int(value) if isinstance(value, int | float) and value > 0 else None
 
 
+def _end_of(queue: Any) -> asyncio.Future[None]:
+    """A future done once vLLM has handed `queue` (the collector `AsyncLLM.add_request` returns) the request's last
+    output, or an error. The collector wakes its reader at every step; this wakes a stream that waits out its
+    interval only when the stream is over."""
+    ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    put = queue.put
+
+    def put_and_notice(output: Any) -> None:
+        put(output)
+        if not ended.done() and (isinstance(output, BaseException) or getattr(output, "finished", False)):
+            ended.set_result(None)
+
+    queue.put = put_and_notice
+    return ended
+
+
 class VllmEngine:
     """`Engine` over vLLM's `AsyncLLM`."""
 
-    def __init__(self, llm: Any, model_dir: Path) -> None:
+    def __init__(self, llm: Any, model_dir: Path, *, head_sampling: bool = False) -> None:
         self._llm = llm
         self.model_dir = model_dir
+        self.head_sampling = head_sampling
+        """Whether the engine samples over a restricted head's own rows (`VllmSettings.head_sampling`)."""
         self._tokenizer = llm.get_tokenizer()
         self._max_model_len = int(llm.model_config.max_model_len)
         self._vocab_size = int(llm.model_config.get_vocab_size())
@@ -153,10 +175,22 @@ class VllmEngine:
             max_model_len=min(settings.max_model_len, model_context(model_dir) or settings.max_model_len),
             worker_extension_cls=WORKER_EXTENSION,
         )
+        head_sampling = False
+        if settings.head_sampling:
+            try:
+                head_sampling = all(await llm.collective_rpc("distillery_head_sampling"))
+            except BaseException:
+                await asyncio.to_thread(shutdown_async_llm, llm)
+                raise
         logger.info(
-            "engine started", extra={"model": str(model_dir), "seconds": round(time.perf_counter() - started, 2)}
+            "engine started",
+            extra={
+                "model": str(model_dir),
+                "seconds": round(time.perf_counter() - started, 2),
+                "head_sampling": head_sampling,
+            },
         )
-        return cls(llm, model_dir)
+        return cls(llm, model_dir, head_sampling=head_sampling)
 
     @staticmethod
     def factory(settings: VllmSettings) -> EngineFactory:
@@ -185,7 +219,9 @@ class VllmEngine:
     def encode_text(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
-    async def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[Chunk]:
+    async def generate(
+        self, prompt_ids: list[int], sampling: Sampling, request_id: str, interval_s: float = 0.0
+    ) -> AsyncIterator[Chunk]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -207,12 +243,19 @@ class VllmEngine:
         completion = 0
         finished = False
         self._running.add(request_id)
-        stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
+        queue = None
         try:
-            async for out in stream:
+            # `AsyncLLM.generate` without its loop: the collector `add_request` returns merges the steps made while
+            # this stream waits out its interval into one delta (RequestOutputKind.DELTA), and `_end_of` says when
+            # the last output came, so a stream that has ended does not wait for its interval to end.
+            queue = await self._llm.add_request(request_id, TokensPrompt(prompt_token_ids=prompt_ids), params)
+            ended = _end_of(queue) if interval_s > 0 else None
+            while not finished:
+                out = queue.get_nowait() or await queue.get()
                 result = out.outputs[0]
                 completion += len(result.token_ids)
                 finished = out.finished
+                sent = time.perf_counter()
                 yield Chunk(
                     text=result.text,
                     token_ids=list(result.token_ids),
@@ -220,11 +263,16 @@ class VllmEngine:
                     completion_tokens=completion,
                     finish_reason=result.finish_reason if out.finished else None,  # type: ignore[arg-type]
                 )
+                if ended is not None and not finished:
+                    remaining = interval_s - (time.perf_counter() - sent)
+                    if remaining > 0 and not ended.done():
+                        await asyncio.wait((ended,), timeout=remaining)
         finally:
             self._running.discard(request_id)
-            if not finished:
+            if queue is not None:
+                queue.close()
+            if not finished and not self.errored:
                 # The client went away (or we were cancelled): free the sequence's batch slot and KV blocks now.
-                await stream.aclose()
                 await self._llm.abort(request_id)
 
     async def reload(self, model_dir: Path) -> None:

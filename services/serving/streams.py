@@ -7,7 +7,6 @@ long or a completion that would not fit the model's context are refused with RES
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -72,16 +71,12 @@ class StreamService:
                         f"model's context of {engine.max_model_len} tokens"
                     )
                 engine_id = f"{request_id or 'gen'}-{uuid.uuid4().hex[:12]}"
-                async for chunk in engine.generate(ids, sampling, engine_id):
+                # The engine paces the chunks: at most one per interval, the last one at once.
+                async for chunk in engine.generate(ids, sampling, engine_id, interval_s=self.interval_s):
                     meter.chunk(chunk.text, len(chunk.token_ids))
                     if chunk.finish_reason is not None:
                         result = "error" if chunk.finish_reason == "abort" else "ok"
-                    sent = time.perf_counter()
                     yield StreamChunk(slot.model, chunk)
-                    if self.interval_s > 0 and chunk.finish_reason is None:
-                        # While this stream waits, the engine merges its next steps into one delta (vLLM's
-                        # AsyncLLM does for RequestOutputKind.DELTA), which the next iteration sends at once.
-                        await asyncio.sleep(self.interval_s - (time.perf_counter() - sent))
         except (asyncio.CancelledError, GeneratorExit):
             result = "cancelled"
             raise

@@ -38,6 +38,14 @@ class WeightReloadExtension:
             "output_vocab": token_ids_digest(getattr(head, "token_ids", None)),
         }
 
+    def distillery_head_sampling(self) -> bool:
+        """Samples over a restricted head's own rows from now on (`outvocab_sampler.install`); False for a model
+        with a full-vocabulary head, which is left as it is."""
+        from services.common.outvocab_sampler import install
+
+        worker: Any = self
+        return install(worker.model_runner)
+
     def distillery_clear_kv_cache(self) -> int:
         """Zeroes every KV-cache block; returns the bytes cleared.
 

@@ -73,6 +73,9 @@ async def test_full_to_trimmed_starts_an_engine_that_only_emits_head_ids(
     assert reply.model.version == ckpt.version
     after = served.app.holder.current
     assert not after.model.swappable_with(before.model) and after.engine is not before.engine  # a new engine
+    # It samples over the head's rows (the full student's engine samples over the vocabulary).
+    assert getattr(after.engine, "head_sampling", None) is True
+    assert getattr(before.engine, "head_sampling", None) is False
     version, sampled = await generated(served, 96, temperature=1.0)
     assert version == ckpt.version and len(sampled) == 96
     assert set(sampled) <= set(EVEN)

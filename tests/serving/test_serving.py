@@ -98,6 +98,22 @@ async def test_a_stream_interval_sends_several_tokens_per_message_and_the_same_c
     assert len(chunked) < len(one_by_one)
 
 
+async def test_a_stream_that_ends_within_its_interval_ends_at_once(served: Served) -> None:
+    """The last chunk is sent when the engine finishes, not when the interval is over: a 10 s interval paces the
+    messages of a stream that is over in a fraction of that."""
+    streams = served.app.streams
+    try:
+        streams.interval_s = 10.0
+        started = time.perf_counter()
+        chunks = await collect(served.stub, request(max_tokens=24, temperature=0.0))
+        seconds = time.perf_counter() - started
+    finally:
+        streams.interval_s = 0.25
+    assert sum(len(c.token_ids) for c in chunks) == 24 and chunks[-1].finish_reason == pb.common.FINISH_REASON_LENGTH
+    assert len(chunks) <= 2  # the first token at once, then everything else when the stream ended
+    assert seconds < 5, seconds
+
+
 def _req(**sampling: Any) -> pb.serving.GenerateRequest:
     return pb.serving.GenerateRequest(messages=chat(), sampling=pb.common.SamplingParams(**sampling))
 

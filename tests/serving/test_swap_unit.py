@@ -38,7 +38,9 @@ class FakeEngine:
     def encode_text(self, text: str) -> list[int]:
         return [1, 2]
 
-    async def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[Chunk]:
+    async def generate(
+        self, prompt_ids: list[int], sampling: Sampling, request_id: str, interval_s: float = 0.0
+    ) -> AsyncIterator[Chunk]:
         yield Chunk("a ", [5], 3, 1)
         await self.release.wait()
         yield Chunk("b", [6], 3, 2, "length")
