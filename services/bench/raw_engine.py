@@ -4,7 +4,8 @@
 `VllmEngine` class the service runs, started from the same environment (so the same vLLM settings, dtype, threads
 and KV cache), the same chats encoded by the same tokenizer, the same sampling, `ignore_eos`, streams generated back
 to back for a fixed time and cut at the deadline, tokens counted as they arrive. Like the service, it encodes each
-stream's chat when the stream starts, on a worker thread; what it leaves out is gRPC, protobuf, the load
+stream's chat when the stream starts, with the service's `off_loop` (short chats at once, longer ones on a
+tokenizer thread); what it leaves out is gRPC, protobuf, the load
 generator, the service's admission checks and metrics, and the stream interval's merging. Runs in a child process
 (`clients.child_pool`), one engine start for every concurrency asked.
 """
@@ -34,6 +35,7 @@ class RawConfig:
 
 
 async def _probe(engine: Any, config: RawConfig, concurrency: int) -> dict[str, Any]:
+    from services.common.prompt_size import off_loop, prompt_chars
     from services.serving.engine import Sampling
 
     sampling = Sampling(max_tokens=config.max_tokens, temperature=config.temperature, ignore_eos=True)
@@ -49,7 +51,8 @@ async def _probe(engine: Any, config: RawConfig, concurrency: int) -> dict[str, 
             i = next(counter)
             streams += 1
             # Each stream encodes its chat, as the service does for each request (any server must).
-            ids = await asyncio.to_thread(engine.encode_chat, config.prompts[i % len(config.prompts)])
+            prompt = config.prompts[i % len(config.prompts)]
+            ids = await off_loop(engine.encode_chat, prompt, chars=prompt_chars(prompt))
             async for chunk in engine.generate(ids, sampling, f"raw-{concurrency}-{i}"):
                 tokens += len(chunk.token_ids)
 
