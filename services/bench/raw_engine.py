@@ -3,7 +3,8 @@
 `distillery bench serving` compares the service with this at equal concurrency (`serving_vs_raw_vllm`): the same
 `VllmEngine` class the service runs, started from the same environment (so the same vLLM settings, dtype, threads
 and KV cache), the same chats encoded by the same tokenizer, the same sampling, `ignore_eos`, streams generated back
-to back for a fixed time and cut at the deadline, tokens counted as they arrive. Like the service, it encodes each
+to back for a fixed time and cut at the deadline, tokens counted as they arrive (over the whole probe, and in its
+steady state: `loadtest.steady_rate`). Like the service, it encodes each
 stream's chat when the stream starts, with the service's `off_loop` (short chats at once, longer ones on a
 tokenizer thread); what it leaves out is gRPC, protobuf, the load
 generator, the service's admission checks and metrics, and the stream interval's merging. Runs in a child process
@@ -37,32 +38,48 @@ class RawConfig:
 async def _probe(engine: Any, config: RawConfig, concurrency: int) -> dict[str, Any]:
     from services.common.prompt_size import off_loop, prompt_chars
     from services.serving.engine import Sampling
+    from services.serving.loadtest import StreamRecord, steady_rate
 
     sampling = Sampling(max_tokens=config.max_tokens, temperature=config.temperature, ignore_eos=True)
     counter = itertools.count()
-    tokens = 0
-    streams = 0
+    records: list[StreamRecord] = []
     started = time.perf_counter()
     deadline = started + config.duration_s
 
     async def worker() -> None:
-        nonlocal tokens, streams
         while time.perf_counter() < deadline:
             i = next(counter)
-            streams += 1
-            # Each stream encodes its chat, as the service does for each request (any server must).
+            record = StreamRecord(started=time.perf_counter())
+            records.append(record)
             prompt = config.prompts[i % len(config.prompts)]
+            # Each stream encodes its chat, as the service does for each request (any server must).
             ids = await off_loop(engine.encode_chat, prompt, chars=prompt_chars(prompt))
             async for chunk in engine.generate(ids, sampling, f"raw-{concurrency}-{i}"):
-                tokens += len(chunk.token_ids)
+                n = len(chunk.token_ids)
+                if not n:
+                    continue
+                now = time.perf_counter()
+                if record.first_token is None:
+                    record.first_token = now
+                    n -= 1
+                record.gap_times.extend([now] * n)  # arrival times, counted as the load generator counts them
+                record.tokens += len(chunk.token_ids)
 
     tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
     _, pending = await asyncio.wait(tasks, timeout=config.duration_s)
     for task in pending:
         task.cancel()  # streams open at the deadline are cut (the engine aborts them), as the load generator does
     await asyncio.gather(*tasks, return_exceptions=True)
-    wall = time.perf_counter() - started
-    return {"concurrency": concurrency, "tokens_per_s": round(tokens / wall, 1), "streams": streams}
+    finished = time.perf_counter()
+    tokens = sum(r.tokens for r in records)
+    steady = steady_rate(records, concurrency, finished)
+    return {
+        "concurrency": concurrency,
+        "tokens_per_s": round(tokens / (finished - started), 1),
+        "tokens_per_s_steady": round(steady[0], 1) if steady else None,
+        "steady_from_s": round(steady[1] - started, 2) if steady else None,
+        "streams": len(records),
+    }
 
 
 async def _measure(config: RawConfig) -> dict[str, Any]:

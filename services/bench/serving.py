@@ -5,7 +5,9 @@ process, then searches for the largest number of concurrent Generate streams who
 or above the 238 wpm reading target: doubling until a probe fails, then bisecting, within a time budget. Each probe
 is a load-generator run (`loadtest.py`) of `probe_s` seconds, in child processes of its own (`clients.py`). Tokens/s
 of both models are compared at one equal concurrency (the teacher's capacity), and each model's engine is also
-driven directly at that concurrency (`raw_engine.py`): `serving_vs_raw_vllm` is what the service keeps of it. Both
+driven directly at that concurrency (`raw_engine.py`): `serving_vs_raw_vllm` is what the service keeps of it. Those
+tokens/s are the probes' steady state (`loadtest.steady_rate`: from the moment every stream of the first wave has its
+first token), the whole probes' figures beside them. Both
 models see the same prompts (the default built-in use case, or the given chats), the same sampling and the same
 engine settings. The default student is the default recipe's, restricted head included (`students.py`).
 """
@@ -135,7 +137,8 @@ async def capacity_search(
 
 
 def _probe_row(summary: dict[str, Any]) -> dict[str, Any]:
-    keys = ("concurrency", "wpm_p50", "wpm_p10", "tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p99",
+    keys = ("concurrency", "wpm_p50", "wpm_p10", "tokens_per_s", "tokens_per_s_steady", "steady_from_s", "ttft_ms_p50",
+            "itl_ms_p50", "itl_ms_p99",
             "failed", "streams")  # fmt: skip
     return {k: summary[k] for k in keys}
 
@@ -192,7 +195,11 @@ async def bench_model(
     return {
         "model": str(model_dir),
         "streams_at_target": best,
-        "tokens_per_s_at_equal_concurrency": same["tokens_per_s"] if same else None,
+        # The steady state (`loadtest.steady_rate`): a probe's first seconds, while every stream of the first wave
+        # waits for its prefill, are seconds of a slow model's short probe. The whole probe's figure is kept beside.
+        "tokens_per_s_at_equal_concurrency": (same["tokens_per_s_steady"] or same["tokens_per_s"]) if same else None,
+        "tokens_per_s_at_equal_concurrency_whole_probe": same["tokens_per_s"] if same else None,
+        "steady_from_s": same["steady_from_s"] if same else None,
         "words_per_token": round(sum(ratios) / len(ratios), 3) if ratios else None,
         "engine_start_s": round(start_s, 1),
         "probes": [_probe_row(p) for p in probes],
@@ -216,9 +223,12 @@ async def raw_engine(config: ServingBenchConfig, model_dir: Path, concurrency: i
     with child_pool(1) as pool:
         result = await in_child(pool, measure_raw, raw)
     probe = result["probes"][0]
-    logger.info("%s engine alone at %d streams: %s tokens/s", model_dir.name, concurrency, probe["tokens_per_s"])
+    logger.info("%s engine alone at %d streams: %s tokens/s (%s in the steady state)", model_dir.name, concurrency,
+                probe["tokens_per_s"], probe["tokens_per_s_steady"])  # fmt: skip
     return {
-        "tokens_per_s": probe["tokens_per_s"],
+        "tokens_per_s": probe["tokens_per_s_steady"] or probe["tokens_per_s"],
+        "tokens_per_s_whole_probe": probe["tokens_per_s"],
+        "steady_from_s": probe["steady_from_s"],
         "streams": probe["streams"],
         "engine_start_s": result["engine_start_s"],
     }

@@ -83,6 +83,24 @@ class StreamRecord:
         return words_per_minute(self.words, span) if span > 0 else None
 
 
+def steady_rate(streams: Sequence[StreamRecord], concurrency: int, finished: float) -> tuple[float, float] | None:
+    """Tokens/s from the moment every stream of the first wave (the first `concurrency` opened) has its first token
+    to `finished`, and that moment: the load's steady state, without the start-up ramp where every stream is still
+    queued for its prefill (for a slow model at high concurrency, seconds of a short probe). None when a stream of
+    the first wave never got a token or less than a second of steady state is left."""
+    first = sorted(streams, key=lambda s: s.started)[:concurrency]
+    if not first or any(s.first_token is None for s in first):
+        return None
+    since = max(s.first_token for s in first if s.first_token is not None)
+    if finished - since < 1.0:
+        return None
+    tokens = sum(
+        (s.first_token is not None and s.first_token >= since) + sum(1 for t in s.gap_times if t >= since)
+        for s in streams
+    )
+    return tokens / (finished - since), since
+
+
 @dataclass
 class SwapRecord:
     uri: str
@@ -128,6 +146,7 @@ class LoadtestResult:
             if s.error is not None:
                 errors[s.error] = errors.get(s.error, 0) + 1
         tokens = sum(s.tokens for s in self.streams)
+        steady = steady_rate(self.streams, cfg.concurrency, self.finished)
 
         def ms(v: float | None) -> float | None:
             return None if v is None else round(v * 1000, 2)
@@ -146,6 +165,8 @@ class LoadtestResult:
             "errors": errors,
             "tokens": tokens,
             "tokens_per_s": round(tokens / wall, 1) if wall > 0 else 0.0,
+            "tokens_per_s_steady": round(steady[0], 1) if steady else None,
+            "steady_from_s": round(steady[1] - self.started, 2) if steady else None,
             "wpm_p10": r(percentile(wpms, 10)),
             "wpm_p50": r(percentile(wpms, 50)),
             "wpm_p90": r(percentile(wpms, 90)),

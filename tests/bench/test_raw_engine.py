@@ -29,4 +29,5 @@ def test_the_services_engine_driven_directly_reports_tokens_per_s(tiny_model_dir
     assert [p["concurrency"] for p in result["probes"]] == [1, 4]
     for probe in result["probes"]:
         assert probe["tokens_per_s"] > 0 and probe["streams"] >= probe["concurrency"]
+        assert probe["tokens_per_s_steady"] > 0 and 0 < probe["steady_from_s"] < 1.0
     assert result["engine_start_s"] > 0

@@ -24,7 +24,9 @@ class _Result:
         c = self.config.concurrency
         # Readers keep up to 8 streams; fixed-length streams report more tokens/s, so the test can tell them apart.
         return {"concurrency": c, "wpm_p50": 1000.0 if c <= 8 else 100.0, "wpm_p10": 0.0,
-                "tokens_per_s": 10.0 * c + (0.5 if self.config.ignore_eos else 0.0), "ttft_ms_p50": 0.0,
+                "tokens_per_s": 10.0 * c + (0.5 if self.config.ignore_eos else 0.0),
+                "tokens_per_s_steady": 12.0 * c if self.config.ignore_eos else None, "steady_from_s": 0.5,
+                "ttft_ms_p50": 0.0,
                 "itl_ms_p50": 0.0, "itl_ms_p99": 0.0, "failed": 0, "streams": c}  # fmt: skip
 
 
@@ -50,8 +52,9 @@ def test_capacity_probes_end_with_the_answer_and_tokens_per_s_are_fixed_length(
     assert out["streams_at_target"] == 8
     search = calls[:-1] if stop_at_eos else calls
     assert all(c.ignore_eos is not stop_at_eos for c in search)
-    # Tokens/s at the equal concurrency always come from a fixed-length probe at that concurrency.
-    assert out["tokens_per_s_at_equal_concurrency"] == 40.5
+    # Tokens/s at the equal concurrency always come from a fixed-length probe at that concurrency, its steady state.
+    assert out["tokens_per_s_at_equal_concurrency"] == 48.0
+    assert out["tokens_per_s_at_equal_concurrency_whole_probe"] == 40.5
     if stop_at_eos:
         assert calls[-1].concurrency == 4 and calls[-1].ignore_eos
 
