@@ -54,16 +54,21 @@ async def _probe(engine: Any, config: RawConfig, concurrency: int) -> dict[str, 
             prompt = config.prompts[i % len(config.prompts)]
             # Each stream encodes its chat, as the service does for each request (any server must).
             ids = await off_loop(engine.encode_chat, prompt, chars=prompt_chars(prompt))
-            async for chunk in engine.generate(ids, sampling, f"raw-{concurrency}-{i}"):
-                n = len(chunk.token_ids)
-                if not n:
-                    continue
-                now = time.perf_counter()
-                if record.first_token is None:
-                    record.first_token = now
-                    n -= 1
-                record.gap_times.extend([now] * n)  # arrival times, counted as the load generator counts them
-                record.tokens += len(chunk.token_ids)
+            try:
+                async for chunk in engine.generate(ids, sampling, f"raw-{concurrency}-{i}"):
+                    n = len(chunk.token_ids)
+                    if not n:
+                        continue
+                    now = time.perf_counter()
+                    if record.first_token is None:
+                        record.first_token = now
+                        n -= 1
+                    record.gap_times.extend([now] * n)  # arrival times, counted as the load generator counts them
+                    record.last_token = now
+                    record.tokens += len(chunk.token_ids)
+            except asyncio.CancelledError:
+                record.cut = True
+                raise
 
     tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
     _, pending = await asyncio.wait(tasks, timeout=config.duration_s)

@@ -38,6 +38,11 @@ class ServingBenchConfig:
     home: Path
     probe_s: float = 15.0
     """Seconds of load per probed concurrency."""
+    equal_probe_s: float | None = None
+    """Seconds of the fixed-length probe at the equal concurrency (and of the direct-engine run), whose steady state
+    (`loadtest.steady_rate`, from the end of the first wave of streams) gives the tokens/s compared; it must hold
+    several of the teacher's streams back to back (at 256 streams of 128 tokens, one lasts ≈20 s). None: `probe_s`,
+    and a capacity probe at that concurrency serves when it was fixed-length too."""
     max_tokens: int = 128
     temperature: float = 0.0
     """Greedy by default: the default use case is judged on greedy answers. At T=1 the 49k-vocabulary sampler
@@ -159,11 +164,13 @@ async def bench_model(
         start_s = time.monotonic() - started
         deadline = time.monotonic() + budget_s
 
-        async def probe(concurrency: int, fixed_length: bool = not config.capacity_stop_at_eos) -> dict[str, Any]:
+        async def probe(
+            concurrency: int, fixed_length: bool = not config.capacity_stop_at_eos, duration_s: float | None = None
+        ) -> dict[str, Any]:
             load = LoadtestConfig(
                 address=address,
                 concurrency=concurrency,
-                duration_s=config.probe_s,
+                duration_s=duration_s or config.probe_s,
                 max_tokens=config.max_tokens,
                 temperature=config.temperature,
                 ignore_eos=fixed_length,
@@ -187,10 +194,10 @@ async def bench_model(
         same = None
         if at:
             # A search probe at that concurrency serves when it was fixed-length too.
-            if not config.capacity_stop_at_eos:
+            if not config.capacity_stop_at_eos and config.equal_probe_s is None:
                 same = next((p for p in probes if p["concurrency"] == at), None)
             if same is None:
-                same = await probe(at, fixed_length=True)
+                same = await probe(at, fixed_length=True, duration_s=config.equal_probe_s)
     ratios = [p["words_per_token"] for p in probes if p.get("words_per_token")]
     return {
         "model": str(model_dir),
@@ -215,7 +222,7 @@ async def raw_engine(config: ServingBenchConfig, model_dir: Path, concurrency: i
         model_dir=model_dir,
         env=service_env(config, model_dir),
         concurrencies=(concurrency,),
-        duration_s=config.probe_s,
+        duration_s=config.equal_probe_s or config.probe_s,
         max_tokens=config.max_tokens,
         temperature=config.temperature,
         prompts=config.prompts or default_prompts(),

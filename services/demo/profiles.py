@@ -106,6 +106,9 @@ class Profile:
     #: Time for both capacity searches together (engine starts excluded).
     speed_budget_s: float
     kv_cache_gib: float
+    #: Seconds of the probe at the equal concurrency whose steady state gives the tokens/s compared
+    #: (`ServingBenchConfig.equal_probe_s`; None: a capacity probe's).
+    speed_window_s: float | None = None
     #: Skip torch.compile in the vLLM engines (tiny models start much faster without it).
     enforce_eager: bool = False
     #: Skip torch.compile in the pipeline's serving engines only: each hot-swap starts an engine next to the one
@@ -224,6 +227,8 @@ DEFAULT = Profile(
     max_capacity_streams=512,
     capacity_window_s=6.0,
     speed_budget_s=60.0,
+    # At the teacher's capacity one of its 48-token streams lasts ≈8 s: several of them back to back.
+    speed_window_s=40.0,
     kv_cache_gib=1.0,
     serving_enforce_eager=True,
     # Promote each checkpoint that beats the one served and reaches half of the teacher's score.

@@ -27,6 +27,7 @@ def compare(
     config = ServingBenchConfig(
         home=home,
         probe_s=profile.capacity_window_s,
+        equal_probe_s=profile.speed_window_s,
         max_tokens=profile.load_max_tokens,
         temperature=profile.load_temperature,
         start_concurrency=profile.speed_concurrency,

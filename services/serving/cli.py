@@ -68,6 +68,14 @@ def loadtest(
 def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON result.")] = False,
     probe_s: Annotated[float, typer.Option(min=1, help="Seconds of load per probed concurrency.")] = 15.0,
+    equal_probe_s: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="Seconds of the probe at the equal concurrency (and of each engine driven directly): tokens/s are "
+            "its steady state, after the first wave of streams has ended.",
+        ),
+    ] = 60.0,
     budget_s: Annotated[float, typer.Option(min=10, help="Time for both capacity searches.")] = 1500.0,
     temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature of every stream.")] = 0.0,
     max_tokens: Annotated[int, typer.Option(min=8, help="Tokens per stream.")] = 128,
@@ -127,6 +135,7 @@ def bench(
     _bench_logging(json_output)
     config = default_config(
         probe_s=probe_s,
+        equal_probe_s=equal_probe_s,
         budget_s=budget_s,
         temperature=temperature,
         max_tokens=max_tokens,

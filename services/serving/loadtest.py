@@ -84,18 +84,20 @@ class StreamRecord:
 
 
 def steady_rate(streams: Sequence[StreamRecord], concurrency: int, finished: float) -> tuple[float, float] | None:
-    """Tokens/s from the moment every stream of the first wave (the first `concurrency` opened) has its first token
-    to `finished`, and that moment: the load's steady state, without the start-up ramp where every stream is still
-    queued for its prefill (for a slow model at high concurrency, seconds of a short probe). None when a stream of
-    the first wave never got a token or less than a second of steady state is left."""
+    """Tokens/s from the end of the first wave (the first `concurrency` streams opened, which all start at once) to
+    `finished`, and that moment. Until then the load is not in its steady state: first every stream waits for its
+    prefill at once (for the teacher at 256 streams, the first token came 2.5 s into the probe), then all of them
+    decode with no prefill between (which flatters a slow model); from the first wave's end on, streams start and end
+    at staggered times, prefills among the decode steps as in a steady load. None when a stream of the first wave did
+    not end (cut at the deadline, failed, or no token) or less than a second is left."""
     first = sorted(streams, key=lambda s: s.started)[:concurrency]
-    if not first or any(s.first_token is None for s in first):
+    if not first or any(s.last_token is None or s.cut or s.error is not None for s in first):
         return None
-    since = max(s.first_token for s in first if s.first_token is not None)
+    since = max(s.last_token for s in first if s.last_token is not None)
     if finished - since < 1.0:
         return None
     tokens = sum(
-        (s.first_token is not None and s.first_token >= since) + sum(1 for t in s.gap_times if t >= since)
+        (s.first_token is not None and s.first_token > since) + sum(1 for t in s.gap_times if t > since)
         for s in streams
     )
     return tokens / (finished - since), since

@@ -59,6 +59,27 @@ def test_capacity_probes_end_with_the_answer_and_tokens_per_s_are_fixed_length(
         assert calls[-1].concurrency == 4 and calls[-1].ignore_eos
 
 
+def test_the_equal_concurrency_probe_runs_for_its_own_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[LoadtestConfig] = []
+
+    @contextlib.asynccontextmanager
+    async def fake_process(env: dict[str, str], log: Path) -> AsyncIterator[str]:
+        yield "127.0.0.1:1"
+
+    async def fake_loadtest(config: LoadtestConfig) -> _Result:
+        calls.append(config)
+        return _Result(config)
+
+    monkeypatch.setattr(bench, "serving_process", fake_process)
+    monkeypatch.setattr(bench, "run_loadtest", fake_loadtest)
+    config = ServingBenchConfig(home=tmp_path, probe_s=0.1, equal_probe_s=7.0, start_concurrency=2, max_concurrency=64)
+    out = asyncio.run(bench_model(config, "student", tmp_path / "model", budget_s=30.0, equal_at=4))
+    # A capacity probe ran at 4 streams, fixed-length; the equal-concurrency figure still comes from its own probe.
+    assert any(c.concurrency == 4 and c.duration_s == 0.1 for c in calls[:-1])
+    assert (calls[-1].concurrency, calls[-1].duration_s, calls[-1].ignore_eos) == (4, 7.0, True)
+    assert out["tokens_per_s_at_equal_concurrency"] == 48.0
+
+
 def _folder(root: Path, name: str, files: dict[str, bytes]) -> Path:
     folder = root / name
     folder.mkdir()
