@@ -77,7 +77,7 @@ async def _probe(engine: Any, config: RawConfig, concurrency: int) -> dict[str, 
     await asyncio.gather(*tasks, return_exceptions=True)
     finished = time.perf_counter()
     tokens = sum(r.tokens for r in records)
-    steady = steady_rate(records, concurrency, finished)
+    steady = steady_rate(records, concurrency, min(finished, deadline))  # the aborts after the deadline are not load
     return {
         "concurrency": concurrency,
         "tokens_per_s": round(tokens / (finished - started), 1),

@@ -206,6 +206,7 @@ async def bench_model(
         # waits for its prefill, are seconds of a slow model's short probe. The whole probe's figure is kept beside.
         "tokens_per_s_at_equal_concurrency": (same["tokens_per_s_steady"] or same["tokens_per_s"]) if same else None,
         "tokens_per_s_at_equal_concurrency_whole_probe": same["tokens_per_s"] if same else None,
+        "tokens_per_s_measure": ("steady" if same["tokens_per_s_steady"] else "whole probe") if same else None,
         "steady_from_s": same["steady_from_s"] if same else None,
         "words_per_token": round(sum(ratios) / len(ratios), 3) if ratios else None,
         "engine_start_s": round(start_s, 1),
@@ -235,6 +236,7 @@ async def raw_engine(config: ServingBenchConfig, model_dir: Path, concurrency: i
     return {
         "tokens_per_s": probe["tokens_per_s_steady"] or probe["tokens_per_s"],
         "tokens_per_s_whole_probe": probe["tokens_per_s"],
+        "tokens_per_s_measure": "steady" if probe["tokens_per_s_steady"] else "whole probe",
         "steady_from_s": probe["steady_from_s"],
         "streams": probe["streams"],
         "engine_start_s": result["engine_start_s"],

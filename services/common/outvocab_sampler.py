@@ -23,6 +23,7 @@ Serving never asks for them (its `Sampling` has no such field); the teacher neve
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from services.common.outvocab import ARCHITECTURE
@@ -85,6 +86,12 @@ class HeadSampler:
             self.full_batches += 1
             return self.sampler(self._full(logits), sampling_metadata, *args, **kwargs)
         self.head_batches += 1
+        top_k = sampling_metadata.top_k
+        if top_k is not None:
+            # vLLM gives a request without top-k the vocabulary's size as its k, and a mixed batch passes every k: over
+            # N columns a k ≥ N is no top-k (the same distribution), and a k beyond N would fail `topk` (measured by
+            # review: the engine died). Greedy requests count here too.
+            sampling_metadata = dataclasses.replace(sampling_metadata, top_k=top_k.clamp(max=logits.shape[-1]))
         out = self.sampler(logits, sampling_metadata, *args, **kwargs)
         out.sampled_token_ids = self.model.token_ids[out.sampled_token_ids.long()].to(torch.int32)
         return out
@@ -96,11 +103,18 @@ class HeadSampler:
 
 
 def install(runner: Any) -> bool:
-    """Samples over the head's columns in this model runner when its model has a restricted head (idempotent).
-    Returns whether it is on."""
+    """Samples over the head's columns in this model runner when its model has a restricted head and the runner is
+    one this module knows: vLLM's V1 runner with its own `Sampler` and no speculative decoding (whose rejection sampler
+    holds the sampler unwrapped). Idempotent; returns whether it is on."""
+    from vllm.v1.sample.sampler import Sampler
+
     model = runner.get_model()
     if type(model).__name__ != ARCHITECTURE:
         return False
+    if getattr(runner, "speculative_config", None) is not None:
+        return False
+    if not isinstance(runner.sampler, HeadSampler | Sampler):
+        return False  # e.g. vLLM's V2 runner on GPUs, whose sampler takes the input batch, not SamplingMetadata
     if not isinstance(runner.sampler, HeadSampler):
         runner.sampler = HeadSampler(runner.sampler, model)
     model.head_logits = True

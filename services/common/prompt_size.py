@@ -66,14 +66,20 @@ def check_prompt_size(parts: Sequence[tuple[str, str]], limit: PromptSize) -> No
                                 "(max_prompt_bytes)")  # fmt: skip
 
 
+#: What a chat message costs its tokenizer beyond its content (the template's role markers), in characters: a chat of
+#: a million empty messages is a large prompt, not an empty one.
+MESSAGE_CHARS = 32
+
+
 def prompt_chars(prompt: str | Sequence[Any]) -> int:
-    """Characters of a prompt text, or of a chat's contents ((role, content) pairs or ChatMessage protos)."""
+    """Characters of a prompt text, or of a chat's contents ((role, content) pairs or ChatMessage protos) plus
+    `MESSAGE_CHARS` a message: the work its tokenization takes, for `off_loop`."""
     if isinstance(prompt, str):
         return len(prompt)
     total = 0
     for message in prompt:
         content: Any = message[1] if isinstance(message, tuple) else getattr(message, "content", "")
-        total += len(content)
+        total += len(content) + MESSAGE_CHARS
     return total
 
 

@@ -148,7 +148,9 @@ class LoadtestResult:
             if s.error is not None:
                 errors[s.error] = errors.get(s.error, 0) + 1
         tokens = sum(s.tokens for s in self.streams)
-        steady = steady_rate(self.streams, cfg.concurrency, self.finished)
+        # Tokens stop at the deadline; the teardown after it (cancelling, closing channels) is not load.
+        end = self.finished if cfg.duration_s is None else min(self.finished, self.started + cfg.duration_s)
+        steady = steady_rate(self.streams, cfg.concurrency, end)
 
         def ms(v: float | None) -> float | None:
             return None if v is None else round(v * 1000, 2)

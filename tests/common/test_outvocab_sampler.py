@@ -155,11 +155,53 @@ def test_prompt_logprobs_and_full_width_logits_pass_through() -> None:
     assert sampler.logprobs_mode == inner.logprobs_mode  # everything else is the wrapped sampler's
 
 
-def test_install_wraps_a_restricted_heads_sampler_once_and_leaves_a_full_head_alone() -> None:
+def test_install_wraps_a_restricted_heads_sampler_once_and_leaves_others_alone() -> None:
+    from vllm.v1.sample.sampler import Sampler
+
     trimmed = type(ARCHITECTURE, (), {"head_logits": False})()
-    runner = SimpleNamespace(sampler=object(), get_model=lambda: trimmed)
+    runner = SimpleNamespace(sampler=Sampler(), get_model=lambda: trimmed, speculative_config=None)
     original = runner.sampler
     assert install(runner) and install(runner)
     assert isinstance(runner.sampler, HeadSampler) and runner.sampler.sampler is original and trimmed.head_logits
     full = SimpleNamespace(sampler=original, get_model=lambda: type("LlamaForCausalLM", (), {})())
     assert not install(full) and full.sampler is original
+    # Runners it does not know: speculative decoding (its rejection sampler holds the sampler), another sampler type.
+    for other in (
+        SimpleNamespace(sampler=original, get_model=lambda: trimmed, speculative_config=object()),
+        SimpleNamespace(sampler=object(), get_model=lambda: trimmed, speculative_config=None),
+    ):
+        sampler = other.sampler
+        assert not install(other) and other.sampler is sampler
+
+
+def test_a_mixed_batch_of_top_k_values_samples_over_the_head() -> None:
+    """vLLM gives requests without top-k the vocabulary's size as k; with one request at top-k 40 the whole tensor
+    reaches the sampler. Over the head's rows those ks must not fail (they did: `topk` out of range)."""
+    torch.manual_seed(3)
+    head = torch.randn(4, ROWS)
+    top_k = torch.tensor([40, VOCAB, ROWS + 5, 3])
+    for top_p in (None, torch.full((4,), 0.9)):
+        sampler = HeadSampler(Counting(), Model())
+        out = sampler(head, metadata(4, temperature=1.0, top_k=top_k, top_p=top_p))
+        assert set(out.sampled_token_ids[:, 0].tolist()) <= set(IDS.tolist())
+        # The last request keeps only its 3 most likely rows.
+        assert out.sampled_token_ids[3, 0].item() in IDS[head[3].topk(3).indices].tolist()
+    greedy = HeadSampler(Counting(), Model())(head, metadata(4, top_k=top_k))
+    assert torch.equal(greedy.sampled_token_ids[:, 0], IDS[head.argmax(-1)].to(torch.int32))
+
+
+def test_a_strided_view_of_head_logits_is_sampled_as_its_values() -> None:
+    """vLLM pads the head to a multiple of 64 rows and slices the logits to N columns: a strided float32 view."""
+    torch.manual_seed(4)
+    padded = torch.randn(16, ROWS + 18)
+    view = padded[:, :ROWS]
+    assert not view.is_contiguous()
+    from vllm.v1.sample.sampler import Sampler
+
+    expected = IDS[view.argmax(-1)].to(torch.int32)
+    top2 = [IDS[view[row].topk(2).indices].tolist() for row in range(16)]
+    out = HeadSampler(Sampler(), Model())(view, metadata(16))  # vLLM's sampler gets the view itself
+    assert torch.equal(out.sampled_token_ids[:, 0], expected)
+    sampled = HeadSampler(Sampler(), Model())(view, metadata(16, temperature=1.0, top_k=torch.full((16,), 2)))
+    for row in range(16):
+        assert sampled.sampled_token_ids[row, 0].item() in top2[row]

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from services.common.prompt_size import INLINE_PROMPT_CHARS, LARGE_PROMPT_CHARS, off_loop
+from services.common import pb
+from services.common.prompt_size import INLINE_PROMPT_CHARS, LARGE_PROMPT_CHARS, off_loop, prompt_chars
 
 
 def where() -> str:
@@ -34,3 +35,14 @@ async def test_an_inline_tokenization_raises_to_the_caller() -> None:
 
     with pytest.raises(ValueError, match="bad prompt"):
         await off_loop(fails, chars=10)
+
+
+def test_a_chat_of_many_empty_messages_is_not_a_short_prompt() -> None:
+    """Empty contents still cost the chat template a role marker each: such a chat must not be tokenized on the
+    event loop (it would stall every stream and the health check)."""
+    empty = [("user", "")] * 100_000
+    assert prompt_chars(empty) > LARGE_PROMPT_CHARS
+    protos = [pb.common.ChatMessage(role="user", content="")] * 100
+    assert prompt_chars(protos) > INLINE_PROMPT_CHARS
+    assert prompt_chars([("user", "Tom has 3 apples.")]) <= INLINE_PROMPT_CHARS
+    assert prompt_chars("x" * 50) == 50
