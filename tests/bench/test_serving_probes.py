@@ -30,22 +30,28 @@ class _Result:
                 "itl_ms_p50": 0.0, "itl_ms_p99": 0.0, "failed": 0, "streams": c}  # fmt: skip
 
 
-@pytest.mark.parametrize("stop_at_eos", [False, True])
-def test_capacity_probes_end_with_the_answer_and_tokens_per_s_are_fixed_length(
-    stop_at_eos: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[LoadtestConfig] = []
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[LoadtestConfig]:
+    """Every load `bench_model` runs, in order, with no service and no load generator behind them."""
+    recorded: list[LoadtestConfig] = []
 
     @contextlib.asynccontextmanager
     async def fake_process(env: dict[str, str], log: Path) -> AsyncIterator[str]:
         yield "127.0.0.1:1"
 
     async def fake_loadtest(config: LoadtestConfig) -> _Result:
-        calls.append(config)
+        recorded.append(config)
         return _Result(config)
 
     monkeypatch.setattr(bench, "serving_process", fake_process)
     monkeypatch.setattr(bench, "run_loadtest", fake_loadtest)
+    return recorded
+
+
+@pytest.mark.parametrize("stop_at_eos", [False, True])
+def test_capacity_probes_end_with_the_answer_and_tokens_per_s_are_fixed_length(
+    stop_at_eos: bool, tmp_path: Path, calls: list[LoadtestConfig]
+) -> None:
     config = ServingBenchConfig(home=tmp_path, probe_s=0.1, start_concurrency=2, max_concurrency=64,
                                 capacity_stop_at_eos=stop_at_eos)  # fmt: skip
     out = asyncio.run(bench_model(config, "student", tmp_path / "model", budget_s=30.0, equal_at=4))
@@ -59,19 +65,7 @@ def test_capacity_probes_end_with_the_answer_and_tokens_per_s_are_fixed_length(
         assert calls[-1].concurrency == 4 and calls[-1].ignore_eos
 
 
-def test_the_equal_concurrency_probe_runs_for_its_own_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[LoadtestConfig] = []
-
-    @contextlib.asynccontextmanager
-    async def fake_process(env: dict[str, str], log: Path) -> AsyncIterator[str]:
-        yield "127.0.0.1:1"
-
-    async def fake_loadtest(config: LoadtestConfig) -> _Result:
-        calls.append(config)
-        return _Result(config)
-
-    monkeypatch.setattr(bench, "serving_process", fake_process)
-    monkeypatch.setattr(bench, "run_loadtest", fake_loadtest)
+def test_the_equal_concurrency_probe_runs_for_its_own_length(tmp_path: Path, calls: list[LoadtestConfig]) -> None:
     config = ServingBenchConfig(home=tmp_path, probe_s=0.1, equal_probe_s=7.0, start_concurrency=2, max_concurrency=64)
     out = asyncio.run(bench_model(config, "student", tmp_path / "model", budget_s=30.0, equal_at=4))
     # A capacity probe ran at 4 streams, fixed-length; the equal-concurrency figure still comes from its own probe.
