@@ -56,16 +56,7 @@ async def _probe(engine: Any, config: RawConfig, concurrency: int) -> dict[str, 
             ids = await off_loop(engine.encode_chat, prompt, chars=prompt_chars(prompt))
             try:
                 async for chunk in engine.generate(ids, sampling, f"raw-{concurrency}-{i}"):
-                    n = len(chunk.token_ids)
-                    if not n:
-                        continue
-                    now = time.perf_counter()
-                    if record.first_token is None:
-                        record.first_token = now
-                        n -= 1
-                    record.gap_times.extend([now] * n)  # arrival times, counted as the load generator counts them
-                    record.last_token = now
-                    record.tokens += len(chunk.token_ids)
+                    record.arrived(len(chunk.token_ids), time.perf_counter())  # as the load generator counts them
             except asyncio.CancelledError:
                 record.cut = True
                 raise

@@ -76,6 +76,21 @@ class StreamRecord:
     cut: bool = False
     finish_reason: int = 0
 
+    def arrived(self, n: int, now: float) -> None:
+        """`n` tokens came in one message at `now`: the first token is not a gap; a chunk of n tokens after a wait w
+        counts n gaps of w/n, each ending at `now`."""
+        if not n:
+            return
+        if self.first_token is None:
+            self.first_token = now
+            gaps, wait = n - 1, 0.0
+        else:
+            gaps, wait = n, now - (self.last_token or now)
+        self.gaps.extend([wait / n] * gaps)
+        self.gap_times.extend([now] * gaps)
+        self.last_token = now
+        self.tokens += n
+
     def wpm(self, min_tokens: int) -> float | None:
         if self.first_token is None or self.last_token is None or self.tokens < min_tokens:
             return None
@@ -192,21 +207,7 @@ async def _one_stream(stub: Any, request: pb.serving.GenerateRequest, record: St
     call = stub.Generate(request, timeout=timeout_s)
     try:
         async for response in call:
-            now = time.perf_counter()
-            n = len(response.token_ids)
-            if n:
-                if record.first_token is None:
-                    record.first_token = now
-                    gaps = n - 1
-                    wait = 0.0
-                else:
-                    gaps = n
-                    wait = now - (record.last_token or now)
-                for _ in range(gaps):
-                    record.gaps.append(wait / n)
-                    record.gap_times.append(now)
-                record.last_token = now
-                record.tokens += n
+            record.arrived(len(response.token_ids), time.perf_counter())
             added, after_space = count_words(response.text_delta, after_space)
             record.words += added
             record.versions.add(response.model_version)

@@ -31,3 +31,13 @@ def test_no_steady_state_when_the_first_wave_did_not_end_or_no_second_is_left() 
     assert steady_rate([stream(0.0, [1.0, 2.0], cut=True)], concurrency=1, finished=9.0) is None
     assert steady_rate([stream(0.0, [5.5, 5.6])], concurrency=1, finished=6.0) is None
     assert steady_rate([], concurrency=4, finished=1.0) is None
+
+
+def test_a_records_arrivals_count_gaps_as_the_load_generator_reports_them() -> None:
+    record = StreamRecord(started=0.0)
+    record.arrived(0, 0.5)  # a message without tokens changes nothing
+    record.arrived(2, 1.0)  # the first token is no gap; the second, in the same message, a gap of 0
+    record.arrived(3, 1.3)  # three tokens after 0.3 s: three gaps of 0.1 s
+    assert (record.first_token, record.last_token, record.tokens) == (1.0, 1.3, 5)
+    assert record.gap_times == [1.0, 1.3, 1.3, 1.3]
+    assert [round(g, 9) for g in record.gaps] == [0.0, 0.1, 0.1, 0.1]
