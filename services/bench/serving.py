@@ -6,8 +6,8 @@ or above the 238 wpm reading target: doubling until a probe fails, then bisectin
 is a load-generator run (`loadtest.py`) of `probe_s` seconds, in child processes of its own (`clients.py`). Tokens/s
 of both models are compared at one equal concurrency (the teacher's capacity), and each model's engine is also
 driven directly at that concurrency (`raw_engine.py`): `serving_vs_raw_vllm` is what the service keeps of it. Those
-tokens/s are the probes' steady state (`loadtest.steady_rate`: from the moment every stream of the first wave has its
-first token), the whole probes' figures beside them. Both
+tokens/s are the probes' steady state (`loadtest.steady_rate`: from the end of the first wave of streams, which all
+start at once), the whole probes' figures beside them. Both
 models see the same prompts (the default built-in use case, or the given chats), the same sampling and the same
 engine settings. The default student is the default recipe's, restricted head included (`students.py`).
 """
@@ -141,6 +141,13 @@ async def capacity_search(
     return best, probes
 
 
+def compared_rate(probe: dict[str, Any]) -> tuple[float, str]:
+    """The tokens/s a fixed-length probe contributes to the comparison: its steady state where it has one
+    (`loadtest.steady_rate`), else the whole probe's; and which it is."""
+    steady = probe["tokens_per_s_steady"]
+    return (steady, "steady") if steady else (probe["tokens_per_s"], "whole probe")
+
+
 def _probe_row(summary: dict[str, Any]) -> dict[str, Any]:
     keys = ("concurrency", "wpm_p50", "wpm_p10", "tokens_per_s", "tokens_per_s_steady", "steady_from_s", "ttft_ms_p50",
             "itl_ms_p50", "itl_ms_p99",
@@ -199,14 +206,13 @@ async def bench_model(
             if same is None:
                 same = await probe(at, fixed_length=True, duration_s=config.equal_probe_s)
     ratios = [p["words_per_token"] for p in probes if p.get("words_per_token")]
+    rate, measure = compared_rate(same) if same else (None, None)
     return {
         "model": str(model_dir),
         "streams_at_target": best,
-        # The steady state (`loadtest.steady_rate`): a probe's first seconds, while every stream of the first wave
-        # waits for its prefill, are seconds of a slow model's short probe. The whole probe's figure is kept beside.
-        "tokens_per_s_at_equal_concurrency": (same["tokens_per_s_steady"] or same["tokens_per_s"]) if same else None,
+        "tokens_per_s_at_equal_concurrency": rate,
         "tokens_per_s_at_equal_concurrency_whole_probe": same["tokens_per_s"] if same else None,
-        "tokens_per_s_measure": ("steady" if same["tokens_per_s_steady"] else "whole probe") if same else None,
+        "tokens_per_s_measure": measure,
         "steady_from_s": same["steady_from_s"] if same else None,
         "words_per_token": round(sum(ratios) / len(ratios), 3) if ratios else None,
         "engine_start_s": round(start_s, 1),
@@ -233,10 +239,11 @@ async def raw_engine(config: ServingBenchConfig, model_dir: Path, concurrency: i
     probe = result["probes"][0]
     logger.info("%s engine alone at %d streams: %s tokens/s (%s in the steady state)", model_dir.name, concurrency,
                 probe["tokens_per_s"], probe["tokens_per_s_steady"])  # fmt: skip
+    rate, measure = compared_rate(probe)
     return {
-        "tokens_per_s": probe["tokens_per_s_steady"] or probe["tokens_per_s"],
+        "tokens_per_s": rate,
         "tokens_per_s_whole_probe": probe["tokens_per_s"],
-        "tokens_per_s_measure": "steady" if probe["tokens_per_s_steady"] else "whole probe",
+        "tokens_per_s_measure": measure,
         "steady_from_s": probe["steady_from_s"],
         "streams": probe["streams"],
         "engine_start_s": result["engine_start_s"],
