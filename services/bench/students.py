@@ -8,6 +8,7 @@ problems, another seed) is recorded beside it in `output_vocab.json`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import uuid
@@ -21,14 +22,24 @@ COUNT_EXAMPLES = 4000
 CHECK_EXAMPLES = 1000
 
 
+def cache_name() -> str:
+    """The cached default student's folder name: it names the recipe's shape (with a digest of the whole recipe), so
+    a changed default is built afresh rather than read from an old cache."""
+    from services.trainer.recipes import DEFAULT_STUDENT_RECIPE
+
+    p = DEFAULT_STUDENT_RECIPE.pruned
+    digest = hashlib.sha256(DEFAULT_STUDENT_RECIPE.SerializeToString(deterministic=True)).hexdigest()[:8]
+    return f"{STUDENT_CACHE}-{p.num_layers}x{p.hidden_size}-{digest}"
+
+
 def full_default_student(models_dir: Path, teacher_dir: Path) -> Path:
-    target = models_dir / STUDENT_CACHE
+    target = models_dir / cache_name()
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     from services.trainer.recipes import DEFAULT_STUDENT_RECIPE
     from services.trainer.student import make_student
 
-    staging = models_dir / f".{STUDENT_CACHE}.{uuid.uuid4().hex}"
+    staging = models_dir / f".{target.name}.{uuid.uuid4().hex}"
     make_student(teacher_dir, DEFAULT_STUDENT_RECIPE, staging, calibration_sequences(teacher_dir), dtype="bfloat16")
     if target.exists():
         shutil.rmtree(target)
@@ -77,7 +88,7 @@ def trimmed_student(models_dir: Path, full: Path, coverage: float) -> Path:
     from services.common import outvocab
     from services.common.models import load_tokenizer
 
-    target = models_dir / f"{STUDENT_CACHE}-head-{coverage:g}"
+    target = models_dir / f"{full.name}-head-{coverage:g}"
     if (target / "config.json").is_file() and (target / "output_vocab.json").is_file():
         return target
     tokenizer = load_tokenizer(full)

@@ -279,7 +279,7 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict[str, Any]:
 
     from services.common.models import parameter_count, prepare_default_teacher
     from services.common.settings import distillery_home
-    from services.trainer.recipes import DEFAULT_STUDENT_RECIPE
+    from services.trainer.recipes import DEFAULT_STUDENT_RECIPE, describe_student
     from services.trainer.student import make_student
 
     threads = config.threads or len(os.sched_getaffinity(0))
@@ -308,7 +308,7 @@ def run_bench(config: BenchConfig, log: Log = print) -> dict[str, Any]:
         "student": {
             "parameters": student_parameters,
             "compression": round(teacher_parameters / student_parameters, 2),
-            "recipe": "pruned: 6 layers (block importance), hidden 256, 4/2 heads, MLP 768",
+            "recipe": describe_student(DEFAULT_STUDENT_RECIPE, head=False),
         },
         "trainer": {k: round(v, 4) if isinstance(v, float) else v for k, v in ours.items()},
         "trl_gkd": {k: round(v, 4) if isinstance(v, float) else v for k, v in trl.items()} if trl else None,

@@ -218,6 +218,7 @@ class Pipeline:
     # -- the run --------------------------------------------------------------------------------------------------
     def distil(self, procs: dict[str, ServiceProcess], bootstrap: str) -> RunWatch:
         from services.demo.load import ClientLoad
+        from services.trainer.recipes import describe_student
 
         p = self.profile
         spec = self.run_spec()
@@ -225,7 +226,7 @@ class Pipeline:
             stub = pb.trainer_grpc.TrainerServiceStub(channel)
             run = stub.StartRun(pb.trainer.StartRunRequest(spec=spec), timeout=120).run
         self.run_id = run_id = run.spec.run_id
-        self.result.student_recipe = _describe(run.spec.student)
+        self.result.student_recipe = describe_student(run.spec.student)
         self.result.on_policy_fraction = run.spec.on_policy.fraction
         watch = RunWatch()
         watcher = threading.Thread(target=watch_run, args=(procs["trainer"].address, run_id, watch), daemon=True)
@@ -382,21 +383,6 @@ def core_layout(cpus: list[int]) -> dict[str, str]:
     if len(cpus) == 2:
         return {"teacher": str(cpus[1]), "serving": str(cpus[0]), "trainer": str(cpus[0])}
     return {"teacher": str(cpus[0]), "serving": str(cpus[0]), "trainer": ""}
-
-
-def _describe(recipe: pb.trainer.StudentRecipe) -> str:
-    source = recipe.WhichOneof("source")
-    head = (f", output vocabulary at {recipe.output_vocab_coverage:g} coverage"
-            if recipe.output_vocab_coverage else "")  # fmt: skip
-    if source == "pruned":
-        p = recipe.pruned
-        return (f"pruned from the teacher: {p.num_layers} layers, hidden {p.hidden_size}, MLP {p.intermediate_size}, "
-                f"{p.num_attention_heads}/{p.num_key_value_heads} heads{head}")  # fmt: skip
-    if source == "config":
-        c = recipe.config
-        return (f"a fresh model of the teacher's family: {c.num_layers} layers, hidden {c.hidden_size}, "
-                f"MLP {c.intermediate_size}, {c.num_attention_heads}/{c.num_key_value_heads} heads{head}")  # fmt: skip
-    return f"{source}{head}"
 
 
 __all__ = ["DemoFailed", "Pipeline", "ServiceFailed", "install_sigterm_as_interrupt"]
