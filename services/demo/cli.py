@@ -20,7 +20,7 @@ ON_POLICY_HELP = "Share of each batch from the student's own answers scored by t
 PROMPTS_HELP = 'JSONL prompts, one {"id", "messages" | "prompt", "reference"?, "split"?} per line.'
 CHECKER_HELP = "exact | numeric | regex:PATTERN | choice | python:MODULE:FUNCTION; none: judged by agreement."
 TEACHER_HELP = "A Hugging Face model folder, 'default' (SmolLM2-135M-Instruct) or 'tiny'."
-STUDENT_HELP = """StudentRecipe as JSON or a JSON file, e.g. '{"pruned": {"num_layers": 4}}'."""
+STUDENT_HELP = """StudentRecipe as JSON or a JSON file, e.g. '{"pruned": {"num_layers": 6}}'."""
 
 ProfileOption = Annotated[str, typer.Option(help=PROFILE_HELP)]
 RecipeOption = Annotated[str, typer.Option(help=RECIPE_HELP)]

@@ -75,12 +75,12 @@ def _checker(spec: str) -> tuple[list[str], list[str]]:
 
 
 def student_recipe(text: str) -> pb.trainer.StudentRecipe:
-    """`--student`: a JSON file or inline JSON of a StudentRecipe (e.g. {"pruned": {"num_layers": 4}})."""
+    """`--student`: a JSON file or inline JSON of a StudentRecipe (e.g. {"pruned": {"num_layers": 6}})."""
     raw = Path(text).read_text() if not text.lstrip().startswith("{") and Path(text).is_file() else text
     try:
         return json_format.Parse(raw, pb.trainer.StudentRecipe())
     except json_format.ParseError as exc:
-        raise JobError(f'--student: not a StudentRecipe: {exc} (e.g. {{"pruned": {{"num_layers": 4}}}})') from None
+        raise JobError(f'--student: not a StudentRecipe: {exc} (e.g. {{"pruned": {{"num_layers": 6}}}})') from None
 
 
 def check_teacher(teacher: str, examples: list[Example]) -> None:

@@ -16,10 +16,10 @@ def test_the_cache_names_the_default_recipe_so_a_changed_default_is_built_afresh
     assert now.startswith(f"{students.STUDENT_CACHE}-{recipes.DEFAULT_STUDENT_RECIPE.pruned.num_layers}x256-")
     other = pb.trainer.StudentRecipe()
     other.CopyFrom(recipes.DEFAULT_STUDENT_RECIPE)
-    other.pruned.num_layers += 2  # the default before issue 20: a folder cached then must not be reused
+    other.pruned.num_layers -= 2  # a folder cached for the old default must not be reused for a new one
     monkeypatch.setattr(recipes, "DEFAULT_STUDENT_RECIPE", other)
     assert students.cache_name() != now
-    other.pruned.num_layers -= 2
+    other.pruned.num_layers += 2
     other.output_vocab_coverage = 0.5
     assert students.cache_name() not in (now, "")
 
