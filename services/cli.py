@@ -48,6 +48,7 @@ bench_app.command("serving")(serving_cli.bench)
 bench_app.command("swap")(serving_cli.bench_swap)
 bench_app.command("scale")(bench_cli.scale)
 bench_app.command("onpolicy")(bench_cli.onpolicy)
+bench_app.command("rescore")(bench_cli.rescore)
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""`distillery bench scale` and `distillery bench onpolicy`: the commands; the measurements live in
-services/bench/scale*.py and services/bench/onpolicy*.py."""
+"""`distillery bench scale`, `onpolicy` and `rescore`: the commands; the measurements live in
+services/bench/scale*.py, services/bench/onpolicy*.py and services/bench/rescore.py."""
 
 from __future__ import annotations
 
@@ -91,6 +91,35 @@ def onpolicy(
         console.print(f"[red]failed: {exc}[/red] (logs: {folder / 'logs'})")
         raise typer.Exit(1) from None
     (folder / "bench-onpolicy.json").write_text(json.dumps(result, indent=2))
+    if json_output:
+        print(json.dumps(result))
+    else:
+        console.print_json(json.dumps(result))
+    sys.stdout.flush()
+
+
+def rescore(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (with registry/checkpoints) or registries.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    problems: Annotated[int, typer.Option(help="Held-out problems each checkpoint answers.")] = 1200,
+    task: Annotated[str, typer.Option(help="Built-in use case whose held-out split is drawn.")] = "math_word_problems",
+    seed: Annotated[int, typer.Option(help="Seed of the draw (the same draw for every run).")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer (the demo's evaluation: 32).")] = 32,
+) -> None:
+    """Every checkpoint of each run scored again on one larger held-out draw (the demo's 200 problems are ±5–6
+    points): accuracy per checkpoint, best, last and mean, runs side by side."""
+    from services.bench.rescore import RescoreError
+    from services.bench.rescore import rescore as run_rescore
+    from services.common.process import stdout_to_stderr
+
+    if problems < 1:
+        raise typer.BadParameter(f"must be at least 1, got {problems}", param_hint="--problems")
+    try:
+        with stdout_to_stderr():
+            result = run_rescore(runs, task, problems, seed, max_new_tokens, log=lambda line: console.print(line))
+    except RescoreError as exc:
+        console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
     if json_output:
         print(json.dumps(result))
     else:
