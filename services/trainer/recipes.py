@@ -4,7 +4,7 @@
 The default student is Minitron-pruned from SmolLM2-135M (30 layers, hidden 576, 9/3 heads, MLP 1536, vocab
 49152 tied): 6 layers chosen by block importance, hidden 256, 4 query / 2 key-value heads of size 64, MLP 768 —
 17.3M parameters, 7.8× fewer than the teacher's 134.5M (the 49k × 256 input embedding is 12.6M of them). 4 layers
-make the student's engine ≈30% faster, but held-out accuracy and KL were worse in four pairs of demo runs (README,
+make the student's engine ≈30% faster, but held-out accuracy was lower in the demo runs that compared them (README,
 "The student at 9.4×"), so the default keeps 6.
 """
 
