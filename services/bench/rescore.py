@@ -73,15 +73,14 @@ def held_out(task_name: str, problems: int, seed: int, exclude: set[str] | None 
 
 def prompt_ids(tokenizer: Any, examples: Sequence[Any]) -> list[list[int]]:
     """Each example as the student was trained on it: a chat in the chat format, a raw prompt encoded as it is."""
-    out = []
-    for e in examples:
-        if e.content.messages:
-            ids = tokenizer.apply_chat_template(e.content.chat(), add_generation_prompt=True, tokenize=True)
-            ids = ids if isinstance(ids, list) else ids["input_ids"]
-        else:
-            ids = tokenizer.encode(e.content.prompt)
-        out.append([int(t) for t in ids])
-    return out
+    from services.bench.output_vocab import prompt_ids as chat_ids
+
+    return [
+        chat_ids(tokenizer, e.content.chat())
+        if e.content.messages
+        else [int(t) for t in tokenizer.encode(e.content.prompt)]
+        for e in examples
+    ]
 
 
 def answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
@@ -93,11 +92,16 @@ def answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens
 
 
 def rescore_run(
-    folder: Path, examples: Sequence[Any], checker: Any, max_new_tokens: int, log: Log = print
+    folder: Path,
+    checkpoints: Sequence[Path],
+    examples: Sequence[Any],
+    checker: Any,
+    max_new_tokens: int,
+    log: Log = print,
 ) -> dict[str, Any]:
-    """Accuracy of every checkpoint of the run in `folder` (oldest first) on `examples`. "best", "last" (the newest
-    checkpoint scored, with its step) and "mean" are over the checkpoints scored: every one the trainer registered,
-    which may include one written when the run stopped."""
+    """Accuracy of each of the run's `checkpoints` (`checkpoint_folders(folder)`) on `examples`. "best", "last" (the
+    newest checkpoint scored, with its step) and "mean" are over the checkpoints scored: every one the trainer
+    registered, which may include one written when the run stopped."""
     import torch
 
     from services.common.models import load_causal_lm, load_tokenizer
@@ -105,7 +109,7 @@ def rescore_run(
     scored: list[dict[str, Any]] = []
     refused: list[dict[str, str]] = []
     prompts: list[list[int]] | None = None
-    for path in checkpoint_folders(folder):
+    for path in checkpoints:
         started = time.monotonic()
         try:
             ckpt = verify(path)
@@ -139,8 +143,7 @@ def rescore(
     prompts. Every folder is checked before any is scored."""
     if problems < 1:
         raise RescoreError(f"problems={problems}: must be at least 1")
-    for folder in folders:
-        checkpoint_folders(folder)
+    checkpoints = [checkpoint_folders(folder) for folder in folders]  # every folder checked before any is scored
     exclude = runs_held_out_ids(folders)
     examples, checker = held_out(task, problems, seed, exclude)
     if len(examples) < problems:
@@ -152,5 +155,8 @@ def rescore(
         "seed": seed,
         "left_out_runs_held_out": len(exclude),
         "max_new_tokens": max_new_tokens,
-        "runs": [rescore_run(f, examples, checker, max_new_tokens, log) for f in folders],
+        "runs": [
+            rescore_run(f, found, examples, checker, max_new_tokens, log)
+            for f, found in zip(folders, checkpoints, strict=True)
+        ],
     }

@@ -64,16 +64,11 @@ class Sample:
 
 
 def _prompts(tokenizer: Any, n: int, seed: int) -> list[tuple[list[dict[str, str]], list[int]]]:
+    from services.bench.output_vocab import prompt_ids
     from services.tasks.builtin import default_prompts
 
-    out = []
-    for example in default_prompts(n, seed):
-        messages = example.content.chat()
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if not isinstance(ids, list):
-            ids = ids["input_ids"]
-        out.append((messages, [int(t) for t in ids]))
-    return out
+    chats = [example.content.chat() for example in default_prompts(n, seed)]
+    return [(messages, prompt_ids(tokenizer, messages)) for messages in chats]
 
 
 def teacher_samples(config: BenchConfig, teacher_dir: Path, log: Log) -> tuple[list[Sample], dict[str, Any]]:
