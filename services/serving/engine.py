@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 
 from services.common.outvocab_vllm import stored_token_ids, token_ids_digest
 from services.common.vllm_engine import VllmSettings, shutdown_async_llm, start_async_llm
+from services.serving.pacing import StepClock
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class Engine(Protocol):
     ) -> AsyncIterator[Chunk]:
         """Streams one completion; closing the iterator aborts the request in the engine. With `interval_s`, chunks
         come at most once per interval (what the engine made meanwhile merged into one), except the last, which
-        comes as soon as the completion ends."""
+        comes as soon as the completion ends; vLLM then also gathers a few tokens per output (`pacing.py`)."""
         ...
 
     async def reload(self, model_dir: Path) -> None:
@@ -154,7 +155,7 @@ def _end_of(queue: Any) -> asyncio.Future[None]:
 class VllmEngine:
     """`Engine` over vLLM's `AsyncLLM`."""
 
-    def __init__(self, llm: Any, model_dir: Path, *, head_sampling: bool = False) -> None:
+    def __init__(self, llm: Any, model_dir: Path, *, head_sampling: bool = False, gather_max_tokens: int = 8) -> None:
         self._llm = llm
         self.model_dir = model_dir
         self.head_sampling = head_sampling
@@ -163,6 +164,8 @@ class VllmEngine:
         self._max_model_len = int(llm.model_config.max_model_len)
         self._vocab_size = int(llm.model_config.get_vocab_size())
         self._running: set[str] = set()
+        self._clock = StepClock(max_tokens=gather_max_tokens)
+        """The engine's recent step time, from the paced streams' chunks: sets vLLM's own output interval."""
 
     @classmethod
     async def start(cls, model_dir: Path, settings: VllmSettings) -> VllmEngine:
@@ -190,7 +193,7 @@ class VllmEngine:
                 "head_sampling": head_sampling,
             },
         )
-        return cls(llm, model_dir, head_sampling=head_sampling)
+        return cls(llm, model_dir, head_sampling=head_sampling, gather_max_tokens=settings.stream_gather_max_tokens)
 
     @staticmethod
     def factory(settings: VllmSettings) -> EngineFactory:
@@ -226,6 +229,8 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        # Under a stream interval vLLM also gathers a few tokens before it builds an output (`pacing.py`).
+        token_interval = self._clock.token_interval(interval_s)
         params = SamplingParams(
             max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
@@ -239,8 +244,10 @@ class VllmEngine:
             ignore_eos=sampling.ignore_eos,
             min_tokens=sampling.min_tokens,
             output_kind=RequestOutputKind.DELTA,
+            stream_interval=token_interval if token_interval > 1 else None,
         )
         completion = 0
+        previous: float | None = None
         finished = False
         self._running.add(request_id)
         queue = None
@@ -256,6 +263,9 @@ class VllmEngine:
                 completion += len(result.token_ids)
                 finished = out.finished
                 sent = time.perf_counter()
+                if ended is not None and previous is not None:
+                    self._clock.observe(sent - previous, len(result.token_ids))
+                previous = sent
                 yield Chunk(
                     text=result.text,
                     token_ids=list(result.token_ids),

@@ -98,6 +98,32 @@ async def test_a_stream_interval_sends_several_tokens_per_message_and_the_same_c
     assert len(chunked) < len(one_by_one)
 
 
+async def test_under_an_interval_vllm_gathers_tokens_and_the_completion_is_the_same(served: Served) -> None:
+    """With a step time measured, a paced stream asks vLLM for an output every N tokens (`pacing.StepClock`): each
+    message between the first and the last then carries at least N tokens, even when the interval is shorter than a
+    step; the tokens and the text are those of a stream sent token by token."""
+    greedy = request(max_tokens=40, temperature=0.0)
+    streams = served.app.streams
+    assert served.app.holder.current is not None
+    clock = served.app.holder.current.engine._clock  # type: ignore[attr-defined]
+    try:
+        streams.interval_s = 0.0
+        one_by_one = await collect(served.stub, greedy)
+        streams.interval_s = 0.002
+        clock.step_s = 1e-6  # N = the cap (8) for the next stream
+        gathered = await collect(served.stub, greedy)
+    finally:
+        streams.interval_s = 0.25
+    ids = [t for c in one_by_one for t in c.token_ids]
+    assert [t for c in gathered for t in c.token_ids] == ids and len(ids) == 40
+    assert "".join(c.text_delta for c in gathered) == "".join(c.text_delta for c in one_by_one)
+    assert gathered[-1].finish_reason == pb.common.FINISH_REASON_LENGTH
+    assert len(one_by_one) > 30  # about one message per step without an interval
+    assert all(len(c.token_ids) >= clock.max_tokens for c in gathered[1:-1]), [len(c.token_ids) for c in gathered]
+    assert len(gathered) <= 2 + 40 // clock.max_tokens
+    assert clock.step_s > 1e-5  # the stream's own chunks measured the real step
+
+
 async def test_a_stream_that_ends_within_its_interval_ends_at_once(served: Served) -> None:
     """The last chunk is sent when the engine finishes, not when the interval is over: a 10 s interval paces the
     messages of a stream that is over in a fraction of that."""
