@@ -53,9 +53,10 @@ class VllmSettings(BaseModel):
     omp_threads: int | None = Field(None, ge=1, le=1024)
     """OMP_NUM_THREADS for the engine; default: every core the process may use."""
     enable_prefix_caching: bool = True
-    block_size: int | None = Field(None, ge=16, le=1024, multiple_of=16)
-    """Tokens per KV-cache block, which is also the prefix cache's unit (vLLM's CPU attention wants a multiple of
-    32). None: 32 on CPUs (`CPU_BLOCK_SIZE`), vLLM's default elsewhere (16 on GPUs)."""
+    block_size: int | None = Field(None, ge=32, le=1024, multiple_of=32)
+    """Tokens per KV-cache block, which is also the prefix cache's unit; a multiple of 32 (vLLM's CPU attention
+    refuses others at engine start). None: 32 on CPUs (`CPU_BLOCK_SIZE`), vLLM's backend's choice elsewhere (16 on
+    most GPUs)."""
     head_sampling: bool = True
     """Serving only, students with a restricted output vocabulary only: sample over the head's own rows rather than
     the full vocabulary where a batch reads nothing by token id (`services/common/outvocab_sampler.py`)."""

@@ -263,8 +263,8 @@ class VllmEngine:
                 completion += len(result.token_ids)
                 finished = out.finished
                 sent = time.perf_counter()
-                if ended is not None and previous is not None:
-                    self._clock.observe(sent - previous, len(result.token_ids))
+                if ended is not None and previous is not None and not finished:
+                    self._clock.observe(sent - previous, len(result.token_ids))  # the first and last mislead
                 previous = sent
                 yield Chunk(
                     text=result.text,

@@ -5,14 +5,22 @@ meanwhile). vLLM's front end still builds a `RequestOutput` for every stream at 
 still merges them, unless the request asks for fewer (`SamplingParams.stream_interval`: an output every N tokens,
 the first and the last at once; vLLM's `--stream-interval` is the same for a whole server). `StepClock` picks that
 N for a new stream from the engine's recent time per token of one stream (its step time), so that N tokens take
-about `share` of the interval, and at most `max_tokens`. A token waits at most the longer of the interval and N of
-the engine's current steps: within the interval while the steps are no more than 1/`share` times slower than when
-its stream started. The cap bounds what a sudden rise in load can do to streams that started on a quiet engine
-(at most 8 steps: 170 ms for the default student at 256 streams on 2 cores, where a step takes ≈21 ms).
+about `share` of the interval, and at most `max_tokens`.
 
-Measured through the service (the default student, 256 streams × 128 tokens, 250 ms interval, 2 cores, two 30 s
-runs each): 8,524, 8,538, 8,728 and 8,269 tokens/s with an output at every step; 8,879 and 8,828 with N=8; the
-service's process took 0.31 of a core instead of 0.34.
+The two delays add up: a token vLLM holds for up to N−1 steps may then miss the service's send and wait for the
+next one, so a token waits at most the interval plus N−1 of the engine's steps: 1.5 intervals (375 ms at the
+default 250) at the step time its stream started with, more if the steps slow down during the stream. The cap
+bounds what a sudden rise in load can do to streams that started on a quiet engine (at most 7 steps more: 147 ms
+for the default student at 256 streams on 2 cores, where a step takes ≈21 ms).
+
+The step time is measured between a stream's chunks, leaving out its first (prefill, queueing) and its last (which
+comes as soon as the stream ends, with tokens vLLM held before the previous send).
+
+Measured through the service (the default student, 256 streams × 128 tokens, 250 ms interval, 2 cores, 30 s
+probes, alternating), with N fixed at 8 by an experiment patch: 8,524, 8,538, 8,728 and 8,269 tokens/s with an
+output at every step, 8,879 and 8,828 with N=8, the service's process at 0.31 of a core instead of 0.34. This
+code's own N (from the measured step time) was measured together with 32-token KV blocks: README, "The student at
+9.4×".
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from dataclasses import dataclass
 class StepClock:
     """The engine's recent seconds per token of one stream, from the streams' own chunks."""
 
-    smoothing: float = 0.2
+    smoothing: float = 0.05
     """Weight of each new observation in the moving average."""
     share: float = 0.5
     """Part of the stream interval that N tokens may take at the measured step time."""

@@ -55,13 +55,14 @@ class ServingSettings(ServiceSettings):
     """gRPC's own cap on open calls; keep it above `limits.max_concurrent_streams` so the stream limit answers."""
     stream_interval_ms: float = Field(250.0, ge=0, le=1000)
     """Tokens a stream generated within this many milliseconds of its last message go out together, as one
-    `GenerateResponse` (its `token_ids` and `text_delta` carry them all); the first token always goes at once.
-    0: one message per engine step. Bounds the delay a token can see to this (at 238 words per minute a reader
-    spends 250 ms on a word), and saves the per-message cost (protobuf, HTTP/2 frame, a wake-up on both sides) of
-    the ones it merges: the default student through the service at 256 streams × 128 tokens made 6,877 tokens/s
-    at 0, 8,249 at 100 ms and 8,657 at 250 ms (README, "The student at 9.4×"). Under an interval vLLM's front end
-    also builds a stream's outputs every few tokens rather than at every step (`pacing.py`: as many steps as fit in
-    half the interval at the measured step time, at most 8)."""
+    `GenerateResponse` (its `token_ids` and `text_delta` carry them all); the first token always goes at once. 0:
+    one message per engine step. Bounds the delay a token can see to this plus the steps vLLM gathers (below; at 238
+    words per minute a reader spends 250 ms on a word), and saves the per-message cost (protobuf, HTTP/2 frame, a
+    wake-up on both sides) of the ones it merges: the default student through the service at 256 streams × 128
+    tokens made 6,877 tokens/s at 0, 8,249 at 100 ms and 8,657 at 250 ms (README, "The student at 9.4×"). Under an
+    interval vLLM's front end also builds a stream's outputs every N tokens rather than at every step (`pacing.py`:
+    as many steps as fit in half the interval at the measured step time, at most 8), so a token waits at most the
+    interval plus N−1 steps: 1.5 intervals at the step time its stream started with."""
     initial_model: str | None = None
     """Served (as version 0) while the registry holds no promoted checkpoint: a model folder or a prepared model
     name such as `smollm2-135m-instruct`. Unset: NOT_SERVING until the first promotion arrives."""
