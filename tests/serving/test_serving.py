@@ -75,23 +75,30 @@ async def test_generate_streams_tokens_with_version_and_usage(served: Served) ->
     assert sum(len(c.token_ids) for c in raw) == 3
 
 
-async def test_a_stream_interval_sends_several_tokens_per_message_and_the_same_completion(served: Served) -> None:
+async def one_by_one_then_paced(served: Served, interval_s: float) -> tuple[list[Any], list[Any], float]:
+    """One 40-token greedy stream sent token by token (no interval), then again under `interval_s`; asserts both
+    are the same completion. Returns both streams' messages and the paced one's seconds."""
     greedy = request(max_tokens=40, temperature=0.0)
     streams = served.app.streams
-    assert streams.interval_s == 0.25  # the default (ServingSettings.stream_interval_ms)
     try:
         streams.interval_s = 0.0
         one_by_one = await collect(served.stub, greedy)
-        streams.interval_s = 0.25
+        streams.interval_s = interval_s
         started = time.perf_counter()
-        chunked = await collect(served.stub, greedy)
+        paced = await collect(served.stub, greedy)
         seconds = time.perf_counter() - started
     finally:
         streams.interval_s = 0.25
     ids = [t for c in one_by_one for t in c.token_ids]
-    assert [t for c in chunked for t in c.token_ids] == ids and len(ids) == 40
-    assert "".join(c.text_delta for c in chunked) == "".join(c.text_delta for c in one_by_one)
-    assert chunked[-1].finish_reason == pb.common.FINISH_REASON_LENGTH
+    assert [t for c in paced for t in c.token_ids] == ids and len(ids) == 40
+    assert "".join(c.text_delta for c in paced) == "".join(c.text_delta for c in one_by_one)
+    assert paced[-1].finish_reason == pb.common.FINISH_REASON_LENGTH
+    return one_by_one, paced, seconds
+
+
+async def test_a_stream_interval_sends_several_tokens_per_message_and_the_same_completion(served: Served) -> None:
+    assert served.app.streams.interval_s == 0.25  # the default (ServingSettings.stream_interval_ms)
+    one_by_one, chunked, seconds = await one_by_one_then_paced(served, 0.25)
     assert chunked[-1].usage.completion_tokens == 40
     # Messages are at least 0.25 s apart: at most one per interval (plus the first), however fast the engine runs.
     assert len(chunked) <= 2 + seconds / 0.25, (len(chunked), seconds)
@@ -102,22 +109,10 @@ async def test_under_an_interval_vllm_gathers_tokens_and_the_completion_is_the_s
     """With a step time measured, a paced stream asks vLLM for an output every N tokens (`pacing.StepClock`): each
     message between the first and the last then carries at least N tokens, even when the interval is shorter than a
     step; the tokens and the text are those of a stream sent token by token."""
-    greedy = request(max_tokens=40, temperature=0.0)
-    streams = served.app.streams
     assert served.app.holder.current is not None
     clock = served.app.holder.current.engine._clock  # type: ignore[attr-defined]
-    try:
-        streams.interval_s = 0.0
-        one_by_one = await collect(served.stub, greedy)
-        streams.interval_s = 0.002
-        clock.step_s = 1e-6  # N = the cap (8) for the next stream
-        gathered = await collect(served.stub, greedy)
-    finally:
-        streams.interval_s = 0.25
-    ids = [t for c in one_by_one for t in c.token_ids]
-    assert [t for c in gathered for t in c.token_ids] == ids and len(ids) == 40
-    assert "".join(c.text_delta for c in gathered) == "".join(c.text_delta for c in one_by_one)
-    assert gathered[-1].finish_reason == pb.common.FINISH_REASON_LENGTH
+    clock.step_s = 1e-6  # N = the cap (8) for the paced stream (the unpaced one before it measures nothing)
+    one_by_one, gathered, _ = await one_by_one_then_paced(served, 0.002)
     assert len(one_by_one) > len(gathered)
     assert all(len(c.token_ids) >= clock.max_tokens for c in gathered[1:-1]), [len(c.token_ids) for c in gathered]
     assert len(gathered) <= 2 + 40 // clock.max_tokens
