@@ -240,6 +240,25 @@ def streams_row(d: db.Dashboard) -> db.Dashboard:
             "B",
         ),
     ).override_by_regexp("error ratio .*", [dm.DynamicConfigValue(id_val="unit", value="percentunit")])
+    gathering = (
+        series(
+            "Engine step and tokens per output",
+            "Per serving replica: the engine's time per token of one stream (left) and how many tokens vLLM "
+            "gathers before it builds an output for a new stream under the stream interval (right; 1: an output "
+            "at every step). N rises as steps get shorter, up to stream_gather_max_tokens.",
+            "s",
+            query(f"max by (instance) (distillery_serving_engine_step_seconds{{{NS}}})", "step {{instance}}", "A"),
+            query(f"max by (instance) (distillery_serving_stream_gather_tokens{{{NS}}})", "N {{instance}}", "B"),
+        )
+        .override_by_query(
+            "B",
+            [
+                dm.DynamicConfigValue(id_val="unit", value="short"),
+                dm.DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
+            ],
+        )
+        .span(12)
+    )
     return (
         d.with_row(db.Row("Streams"))
         .with_panel(wpm)
@@ -247,7 +266,8 @@ def streams_row(d: db.Dashboard) -> db.Dashboard:
         .with_panel(active)
         .with_panel(ttft)
         .with_panel(itl)
-        .with_panel(outcomes.span(24))
+        .with_panel(outcomes.span(12))
+        .with_panel(gathering)
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 
 from services.common.outvocab_vllm import stored_token_ids, token_ids_digest
 from services.common.vllm_engine import VllmSettings, shutdown_async_llm, start_async_llm
+from services.serving.metrics import ENGINE_STEP, GATHER_TOKENS
 from services.serving.pacing import StepClock
 
 logger = logging.getLogger(__name__)
@@ -231,6 +232,7 @@ class VllmEngine:
 
         # Under a stream interval vLLM also gathers a few tokens before it builds an output (`pacing.py`).
         token_interval = self._clock.token_interval(interval_s)
+        GATHER_TOKENS.set(token_interval)
         params = SamplingParams(
             max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
@@ -265,6 +267,7 @@ class VllmEngine:
                 sent = time.perf_counter()
                 if ended is not None and previous is not None and not finished:
                     self._clock.observe(sent - previous, len(result.token_ids))  # the first and last mislead
+                    ENGINE_STEP.set(self._clock.step_s or 0.0)
                 previous = sent
                 yield Chunk(
                     text=result.text,

@@ -43,6 +43,16 @@ ITL = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 ACTIVE_STREAMS = Gauge("distillery_serving_active_streams", "Generate streams open now.")
+ENGINE_STEP = Gauge(
+    "distillery_serving_engine_step_seconds",
+    "The engine's recent time per token of one stream, measured between paced streams' chunks "
+    "(services/serving/pacing.py); 0 until measured.",
+)
+GATHER_TOKENS = Gauge(
+    "distillery_serving_stream_gather_tokens",
+    "Tokens vLLM gathers before it builds an output for the newest stream (its stream_interval; 1: an output at "
+    "every engine step).",
+)
 WPM_HEADROOM = Gauge(
     "distillery_serving_wpm_headroom_ratio",
     "Median words per minute of the open streams (each over its time so far, once it is a second old) over the "

@@ -55,6 +55,8 @@ CONTRACT: dict[str, str] = {
     "distillery_serving_time_to_first_token_seconds": "histogram",
     "distillery_serving_inter_token_latency_seconds": "histogram",
     "distillery_serving_active_streams": "gauge",
+    "distillery_serving_engine_step_seconds": "gauge",
+    "distillery_serving_stream_gather_tokens": "gauge",
     "distillery_serving_wpm_headroom_ratio": "gauge",
     "distillery_serving_model_version": "gauge",
     "distillery_serving_model": "info",

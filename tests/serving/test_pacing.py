@@ -98,3 +98,8 @@ async def test_the_engine_asks_vllm_for_n_tokens_and_measures_steps_between_midd
     # The middle chunk came one interval (0.1 s) after the first with 5 tokens: 20 ms a step. The last one, 100
     # tokens at once, would have read as 1 ms.
     assert engine._clock.step_s is not None and 0.015 < engine._clock.step_s < 0.2
+    # Both are exported: the N this stream asked for and the step time measured since.
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("distillery_serving_stream_gather_tokens") == 5
+    assert REGISTRY.get_sample_value("distillery_serving_engine_step_seconds") == engine._clock.step_s
