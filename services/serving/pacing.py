@@ -19,8 +19,10 @@ comes as soon as the stream ends, with tokens vLLM held before the previous send
 Measured through the service (the default student, 256 streams × 128 tokens, 250 ms interval, 2 cores, 30 s
 probes, alternating), with N fixed at 8 by an experiment patch: 8,524, 8,538, 8,728 and 8,269 tokens/s with an
 output at every step, 8,879 and 8,828 with N=8, the service's process at 0.31 of a core instead of 0.34. This
-code's own N (from the measured step time) was measured together with 32-token KV blocks: README, "The student at
-9.4×".
+code's own N is exported (`distillery_serving_stream_gather_tokens`, with the step time it comes from in
+`distillery_serving_engine_step_seconds`): in the same setting at ≈35–40 ms a step it was mostly 2 (1–4), so the
+default gets less than that A/B's N=8. A share of 1.0 instead of 0.5 (N mostly 4–5) measured +4.8%, within the
+spread of one setting, and was not adopted: README, "The student at 9.4×".
 """
 
 from __future__ import annotations
