@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -120,6 +122,53 @@ def test_serving_answers_generate_with_the_packaged_teacher(
         answer = "".join(c.text_delta for c in chunks)
         print(f"serving Generate ({QUESTION!r}): {answer!r}")
         assert "Paris" in answer
+        assert container.stop() == 0, log.read_text()[-4000:]
+
+
+def test_serving_starts_on_a_promoted_student_with_a_restricted_head(
+    image: str, pod_volumes: dict, kafka_bootstrap: str, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The image's serving loads the newest promoted checkpoint from the registry volume at start; a student with a
+    task-restricted output vocabulary is served by the vLLM model class the package registers as a vLLM plugin (its
+    entry point), so this checks that the plugin is installed and loads in the image."""
+    from services.common.outvocab import trim_folder
+    from services.common.registry import Registry
+
+    head = sorted({0, 1, 2, *range(4, 1024, 2)})[:448]  # the special tokens and even ids only
+    trim_folder(tiny_model_dir, head, tmp_path / "trimmed")
+    registry_dir = next(host for host, inside in pod_volumes.items() if inside == "/registry")
+    registry = Registry(registry_dir)
+    staged = registry.staging_dir()
+    for file in (tmp_path / "trimmed").iterdir():
+        shutil.copy(file, staged / file.name)
+    ckpt = registry.write(staged, run_id="image-test", step=1, parameter_count=1, metrics={"accuracy": 0.5})
+    registry.promote(ckpt)
+    for path in [registry_dir, *registry_dir.rglob("*")]:
+        os.chown(path, UID, UID)  # written by the trainer's uid in a cluster
+
+    env = pod_env("serving", kafka_bootstrap)
+    address = f"127.0.0.1:{env['DISTILLERY_SERVING_GRPC_PORT']}"
+    log = tmp_path / "serving.log"
+    volumes = {host: inside + (":ro" if inside == "/registry" else "") for host, inside in pod_volumes.items()}
+    with Container(image, volumes, env, f"{UID}:{UID}") as container:
+        container.start(["serving", "serve"], log)
+        wait_serving(container, address, "distillery.serving.v1.ServingService", log)
+
+        async def generate() -> list[pb.serving.GenerateResponse]:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = pb.serving_grpc.ServingServiceStub(channel)
+                request = pb.serving.GenerateRequest(
+                    messages=[pb.common.ChatMessage(role="user", content=QUESTION)],
+                    sampling=pb.common.SamplingParams(max_tokens=48, temperature=1.0),
+                )
+                return [r async for r in stub.Generate(request, timeout=120)]
+
+        chunks = asyncio.run(generate())
+        tokens = [t for c in chunks for t in c.token_ids]
+        print(f"serving Generate on the restricted-head student: {len(tokens)} tokens, ids {sorted(set(tokens))[:12]}")
+        assert {c.model_version for c in chunks} == {ckpt.version}
+        # Sampled at temperature 1 a random model emits ids all over its vocabulary; the head has only even ones.
+        assert 0 < len(tokens) <= 48 and set(tokens) <= set(head), sorted(set(tokens) - set(head))
         assert container.stop() == 0, log.read_text()[-4000:]
 
 
