@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -55,6 +54,22 @@ def wait_serving(container: Container, address: str, service: str, log: Path) ->
             pass
         time.sleep(1)
     pytest.fail(f"{service} not SERVING after {START_TIMEOUT_S} s:\n{log.read_text()[-6000:]}")
+
+
+def serving_volumes(pod_volumes: dict[Path, str]) -> dict[Path, str]:
+    """The serving Deployment mounts the registry read-only: only the trainer writes checkpoints."""
+    return {host: inside + (":ro" if inside == "/registry" else "") for host, inside in pod_volumes.items()}
+
+
+async def serving_generate(address: str, *, max_tokens: int, temperature: float) -> list[pb.serving.GenerateResponse]:
+    """QUESTION sent to the serving container's `Generate` from outside it; the stream's chunks."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb.serving_grpc.ServingServiceStub(channel)
+        request = pb.serving.GenerateRequest(
+            messages=[pb.common.ChatMessage(role="user", content=QUESTION)],
+            sampling=pb.common.SamplingParams(max_tokens=max_tokens, temperature=temperature),
+        )
+        return [r async for r in stub.Generate(request, timeout=120)]
 
 
 def test_entrypoint_runs_as_uid_10001_and_only_volumes_are_writable(image: str, pod_volumes: dict) -> None:
@@ -113,22 +128,12 @@ def test_serving_answers_generate_with_the_packaged_teacher(
     assert env["DISTILLERY_SERVING_INITIAL_MODEL"] == "smollm2-135m-instruct", "the base serves the teacher first"
     address = f"127.0.0.1:{env['DISTILLERY_SERVING_GRPC_PORT']}"
     log = tmp_path / "serving.log"
-    # The serving Deployment mounts the registry read-only: only the trainer writes checkpoints.
-    volumes = {host: inside + (":ro" if inside == "/registry" else "") for host, inside in pod_volumes.items()}
+    volumes = serving_volumes(pod_volumes)
     with Container(image, volumes, env, f"{UID}:{UID}") as container:
         container.start(["serving", "serve"], log)
         wait_serving(container, address, "distillery.serving.v1.ServingService", log)
 
-        async def generate() -> list[pb.serving.GenerateResponse]:
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = pb.serving_grpc.ServingServiceStub(channel)
-                request = pb.serving.GenerateRequest(
-                    messages=[pb.common.ChatMessage(role="user", content=QUESTION)],
-                    sampling=pb.common.SamplingParams(max_tokens=16, temperature=0.0),
-                )
-                return [r async for r in stub.Generate(request, timeout=120)]
-
-        chunks = asyncio.run(generate())
+        chunks = asyncio.run(serving_generate(address, max_tokens=16, temperature=0.0))
         answer = "".join(c.text_delta for c in chunks)
         print(f"serving Generate ({QUESTION!r}): {answer!r}")
         assert "Paris" in answer
@@ -143,23 +148,19 @@ def test_serving_starts_on_a_promoted_student_with_a_restricted_head(
     the package's `vllm.general_plugins` entry point alone (the services register it themselves as well)."""
     from services.common.outvocab import trim_folder
     from services.common.registry import Registry
+    from tests.serving.conftest import register
 
     head = sorted({0, 1, 2, *range(4, 1024, 2)})[:448]  # the special tokens and even ids only
     trim_folder(tiny_model_dir, head, tmp_path / "trimmed")
     registry_dir = next(host for host, inside in pod_volumes.items() if inside == "/registry")
-    registry = Registry(registry_dir)
-    staged = registry.staging_dir()
-    for file in (tmp_path / "trimmed").iterdir():
-        shutil.copy(file, staged / file.name)
-    ckpt = registry.write(staged, run_id="image-test", step=1, parameter_count=1, metrics={"accuracy": 0.5})
-    registry.promote(ckpt)
+    ckpt = register(Registry(registry_dir), tmp_path / "trimmed")  # promoted
     for path in [registry_dir, *registry_dir.rglob("*")]:
         os.chown(path, UID, UID)  # written by the trainer's uid in a cluster
 
     env = pod_env("serving", kafka_bootstrap)
     address = f"127.0.0.1:{env['DISTILLERY_SERVING_GRPC_PORT']}"
     log = tmp_path / "serving.log"
-    volumes = {host: inside + (":ro" if inside == "/registry" else "") for host, inside in pod_volumes.items()}
+    volumes = serving_volumes(pod_volumes)
     with Container(image, volumes, env, f"{UID}:{UID}") as container:
         plugin = container.run(["python", "-c", PLUGIN_PROBE], entrypoint=False)
         assert plugin.returncode == 0, plugin.stderr[-3000:]
@@ -167,16 +168,7 @@ def test_serving_starts_on_a_promoted_student_with_a_restricted_head(
         container.start(["serving", "serve"], log)
         wait_serving(container, address, "distillery.serving.v1.ServingService", log)
 
-        async def generate() -> list[pb.serving.GenerateResponse]:
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = pb.serving_grpc.ServingServiceStub(channel)
-                request = pb.serving.GenerateRequest(
-                    messages=[pb.common.ChatMessage(role="user", content=QUESTION)],
-                    sampling=pb.common.SamplingParams(max_tokens=48, temperature=1.0),
-                )
-                return [r async for r in stub.Generate(request, timeout=120)]
-
-        chunks = asyncio.run(generate())
+        chunks = asyncio.run(serving_generate(address, max_tokens=48, temperature=1.0))
         tokens = [t for c in chunks for t in c.token_ids]
         print(f"serving Generate on the restricted-head student: {len(tokens)} tokens, ids {sorted(set(tokens))[:12]}")
         assert {c.model_version for c in chunks} == {ckpt.version}
